@@ -1,0 +1,107 @@
+"""The command line: one verb, one function. Arguments are parsed into the verb's typed config.
+
+`lmtune VERB --help` is generated from the config dataclass, so the field docs are the help text.
+Heavy modules (torch, transformers) are imported only once a verb runs, which keeps `--help` fast.
+This is the only place that prints an `LmtuneError` and turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import os
+import sys
+import typing
+
+from lmtune import config as C
+from lmtune.errors import LmtuneError
+
+# verb -> (config class, "module:function", one-line summary)
+VERBS = {
+    "pretrain": (C.PretrainConfig, "lmtune.pretrain:pretrain", "Train a tokenizer and a causal LM from scratch on text."),
+    "finetune": (C.FinetuneConfig, "lmtune.finetune:finetune", "Fine-tune a pretrained causal LM (full or LoRA)."),
+    "generate": (C.GenerateConfig, "lmtune.generate:generate", "Generate text from a prompt."),
+    "demo": (C.DemoConfig, "lmtune.demo:demo", "Fine-tune SmolLM2-135M on a built-in task, score before and after."),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise LmtuneError(f"{self.prog}: {message}")
+
+
+def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, type]:
+    cls, _, summary = VERBS[verb]
+    doc = (cls.__doc__ or "").strip()
+    p = _Parser(prog=f"lmtune {verb}", description=f"{summary}\n\n{doc}",
+                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+                epilog="Any key can also be given as key=value. Command-line values win over --config.")
+    p.add_argument("--config", help="YAML file with any of the keys below.")
+    hints = typing.get_type_hints(cls)
+    for name, f in C.fields_of(cls).items():
+        typ, meta = hints[name], f.metadata
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        default = "" if meta.get("required") else f" (default: {f.default!r})"
+        choices = f" One of: {', '.join(meta['choices'])}." if meta.get("choices") else ""
+        help_text = f"{meta['help']}{choices}{default}"
+        if typ is bool:
+            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_text)
+        else:
+            # values stay strings here; config.coerce converts and checks them with one error style
+            p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=typ.__name__.upper(),
+                           help=help_text)
+    return p, cls
+
+
+def parse(verb: str, argv: list[str]):
+    """Parse a verb's arguments into its config object (defaults < --config file < command line)."""
+    parser, cls = _verb_parser(verb)
+    ns, rest = parser.parse_known_args(argv)
+    cli_values = {k: v for k, v in vars(ns).items() if k != "config"}
+    known = list(C.fields_of(cls))
+    for item in rest:
+        if "=" in item and not item.startswith("-"):
+            key, value = item.split("=", 1)
+            cli_values[key.replace("-", "_")] = value
+            continue
+        name = item.lstrip("-").split("=")[0].replace("-", "_")
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f", did you mean '--{close[0].replace('_', '-')}'?" if close else f"; see 'lmtune {verb} --help'"
+        raise LmtuneError(f"unknown option '{item}'{hint}")
+    file_values = C.read_yaml(ns.config) if getattr(ns, "config", None) else {}
+    return C.build(cls, file_values, ns.config or "", cli_values)
+
+
+def _usage() -> str:
+    lines = ["usage: lmtune VERB [options]   (lmtune VERB --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {v:<10} {s}" for v, (_, _, s) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    if argv[0] == "--version":
+        from lmtune import __version__
+        print(__version__)
+        return
+    verb = argv[0]
+    try:
+        if verb not in VERBS:
+            close = difflib.get_close_matches(verb, list(VERBS), n=1)
+            hint = f", did you mean '{close[0]}'?" if close else f"; verbs: {', '.join(VERBS)}"
+            raise LmtuneError(f"unknown verb '{verb}'{hint}")
+        cfg = parse(verb, argv[1:])
+        module, func = VERBS[verb][1].split(":")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        getattr(importlib.import_module(module), func)(cfg)
+    except LmtuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,135 @@
+"""Read data files into rows (dicts). Every problem names the file and, where there is one, the line.
+
+Formats by extension: .json (a list of records, or {"data": [...]}), .jsonl, .csv, .tsv, .parquet,
+and .txt / anything else as raw text for pretraining. Gzipped files (.gz) are read transparently.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from pathlib import Path
+
+from lmtune.errors import LmtuneError
+
+
+def _check_file(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise LmtuneError(f"data file {path} not found: check the path")
+    if p.is_dir():
+        raise LmtuneError(f"data path {path} is a folder: give a file")
+    if p.stat().st_size == 0:
+        raise LmtuneError(f"data file {path} is empty")
+    return p
+
+
+def _open_text(p: Path):
+    if p.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8")
+    return open(p, encoding="utf-8", newline="")
+
+
+def _suffix(p: Path) -> str:
+    return Path(p.stem).suffix.lower() if p.suffix == ".gz" else p.suffix.lower()
+
+
+def read_text(path: str) -> str:
+    """The whole file as text (for pretraining and perplexity)."""
+    p = _check_file(path)
+    try:
+        with _open_text(p) as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise LmtuneError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise LmtuneError(f"data file {path} holds only whitespace")
+    return text
+
+
+def read_records(path: str) -> list[dict]:
+    """Rows of a JSON/JSONL/CSV/TSV/Parquet file, each a dict; `_line` holds its line (or index)."""
+    p = _check_file(path)
+    kind = _suffix(p)
+    if kind == ".jsonl":
+        rows = _read_jsonl(p, path)
+    elif kind == ".json":
+        rows = _read_json(p, path)
+    elif kind in (".csv", ".tsv"):
+        rows = _read_delimited(p, path, "\t" if kind == ".tsv" else ",")
+    elif kind == ".parquet":
+        rows = _read_parquet(p, path)
+    else:
+        raise LmtuneError(f"{path}: unknown data format '{kind}': use .json, .jsonl, .csv, .tsv or .parquet")
+    if not rows:
+        raise LmtuneError(f"data file {path} holds no records")
+    return rows
+
+
+def _read_jsonl(p: Path, path: str) -> list[dict]:
+    rows = []
+    with _open_text(p) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LmtuneError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
+                                  "each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise LmtuneError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            row["_line"] = n
+            rows.append(row)
+    return rows
+
+
+def _read_json(p: Path, path: str) -> list[dict]:
+    with _open_text(p) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise LmtuneError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise LmtuneError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise LmtuneError(f"{path}: record {i} is a {type(row).__name__}, expected an object")
+        row["_line"] = i
+    return data
+
+
+def _read_delimited(p: Path, path: str, delimiter: str) -> list[dict]:
+    with _open_text(p) as f:
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        rows = []
+        for row in reader:
+            if None in row:
+                raise LmtuneError(f"{path}:{reader.line_num}: more fields than the header has "
+                                  f"({len(reader.fieldnames)})")
+            row = dict(row)
+            row["_line"] = reader.line_num
+            rows.append(row)
+    return rows
+
+
+def _read_parquet(p: Path, path: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise LmtuneError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        row["_line"] = i
+    return rows
+
+
+def where(path: str, row: dict) -> str:
+    """'file:line' for messages about one row."""
+    return f"{path}:{row.get('_line', '?')}"

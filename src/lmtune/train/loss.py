@@ -1,0 +1,46 @@
+"""The causal-LM loss, computed only where there is a target and in chunks.
+
+The full logits tensor (batch x length x vocabulary: 49,152 entries per position for SmolLM2) is the
+largest activation of a small model. We run the decoder, keep the hidden states of the positions that
+have a target, and apply the output layer and cross-entropy a chunk at a time; each chunk is recomputed
+in backward (activation checkpointing), so at most one chunk of logits is alive at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lmtune.data.batching import IGNORE
+
+CHUNK = 1024  # target positions per chunk of logits
+
+
+def _parts(model):
+    """(decoder, output layer) of a causal LM, through a peft wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _chunk_loss(head, hidden, targets):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of target tokens) for one batch."""
+    decoder, head = _parts(model)
+    extra = {k: batch[k] for k in ("position_ids",) if k in batch}
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                     use_cache=False, **extra).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    hidden, targets = hidden[:, :-1][keep], targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, targets.numel(), CHUNK):
+        h, t = hidden[i:i + CHUNK], targets[i:i + CHUNK]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, h, t)
+    return total, int(targets.numel())
