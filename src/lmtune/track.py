@@ -13,6 +13,7 @@ class MetricsLog:
     """Append-only metrics.jsonl. On resume, lines past the checkpoint's step are dropped first."""
 
     def __init__(self, out: Path, resume_step: int | None = None):
+        Path(out).mkdir(parents=True, exist_ok=True)
         self.path = Path(out) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()

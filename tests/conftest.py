@@ -1,0 +1,73 @@
+"""Shared test fixtures: small real models and data, built once per session, no network."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def run_cli(*args, timeout=600, env=None):
+    """Run `python -m lmtune ARGS` in a subprocess; returns the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "lmtune", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct as a cached safetensors folder (converted from its GGUF once)."""
+    from lmtune import models
+
+    return models.resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_dir) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template: fast, and as real as the big one."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmtune.models import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_chat")
+    tok = load_tokenizer(smollm2_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def dates_jsonl(tmp_path_factory) -> str:
+    """64 records of lmtune's built-in dates task as Alpaca JSONL."""
+    from lmtune.data.synthetic import date_records
+
+    p = tmp_path_factory.mktemp("data") / "dates.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in date_records(64, seed=0)))
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_small(tmp_path_factory) -> str:
+    """The first 60,000 characters of tinyshakespeare (a learnable toy corpus)."""
+    text = (SHARED / "tinyshakespeare" / "input.txt").read_text()[:60_000]
+    p = tmp_path_factory.mktemp("text") / "shakespeare.txt"
+    p.write_text(text)
+    return str(p)
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]

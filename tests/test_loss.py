@@ -1,0 +1,61 @@
+"""The loss: chunked cross-entropy on target positions equals the plain one; accumulation is normalised."""
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lmtune.data.batching import collate
+from lmtune.train import loss as L
+
+
+def _model(vocab=300):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2))
+
+
+def _examples(n=6, vocab=300, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, vocab, (5 + 3 * i,), generator=g).tolist()
+        labels = [-100] * (2 + i % 3) + ids[2 + i % 3:]  # a prompt part without targets
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def test_chunked_loss_equals_plain_cross_entropy(monkeypatch):
+    monkeypatch.setattr(L, "CHUNK", 7)  # several chunks on this small batch
+    model, batch = _model(), collate(_examples(), pad_id=0)
+    s, n = L.causal_lm_loss(model, batch)
+    (s / n).backward()
+    ours = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                          ignore_index=-100)
+    ref.backward()
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    assert torch.allclose(s / n, ref, atol=1e-6)
+    for k, p in model.named_parameters():
+        assert torch.allclose(ours[k], p.grad, atol=1e-6), k
+
+
+def test_accumulation_normalised_by_target_tokens(tmp_path):
+    """One step of 2 micro-batches x 3 rows (different target counts) moves the weights exactly as
+    one step of 1 x 6 rows: every target token weighs the same."""
+    from functools import partial
+
+    from lmtune.config import TrainConfig
+    from lmtune.train.loop import fit
+
+    ex, weights = _examples(6), []
+    for bs, accum in ((6, 1), (3, 2)):
+        model = _model()
+        cfg = TrainConfig(data="-", out="-", batch_size=bs, grad_accum=accum, max_steps=1, optimizer="sgd",
+                          momentum=0.0, learning_rate=1.0, schedule="constant", grad_clip=0.0)
+        fit(model, ex, cfg, tmp_path / f"{bs}", collate=partial(collate, pad_id=0), loss_fn=L.causal_lm_loss)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], [p for p in _model().parameters()]))
