@@ -23,7 +23,7 @@ def _targets(tok, ex):
     {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hello there"}]},
 ])
 def test_labels_cover_exactly_the_response_and_end_of_turn(tok, row):
-    ex, truncated = instruct.encode(row, tok, 512)
+    ex, truncated = instruct.encode_row(row, tok, 512)
     assert not truncated
     assert _targets(tok, ex) == "Hello there<|im_end|>\n"
     # the pad token is <|im_end|>: masking by id would have hidden it; we mask by position
@@ -33,7 +33,7 @@ def test_labels_cover_exactly_the_response_and_end_of_turn(tok, row):
 def test_every_assistant_turn_is_learned_in_a_multi_turn_chat(tok):
     row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "one"},
                         {"role": "user", "content": "b"}, {"role": "assistant", "content": "two"}]}
-    ex, _ = instruct.encode(row, tok, 512)
+    ex, _ = instruct.encode_row(row, tok, 512)
     assert _targets(tok, ex) == "one<|im_end|>\ntwo<|im_end|>\n"
 
 
@@ -47,4 +47,4 @@ def test_truncation_is_counted_once(tok, capsys):
 
 def test_record_without_known_fields(tok):
     with pytest.raises(LmtuneError, match=r"f.jsonl:4: record has fields \[text\]; instruct data needs"):
-        instruct.encode({"text": "hi", "_line": 4}, tok, 64, "f.jsonl")
+        instruct.encode_row({"text": "hi", "_line": 4}, tok, 64, "f.jsonl")

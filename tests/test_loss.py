@@ -59,3 +59,29 @@ def test_accumulation_normalised_by_target_tokens(tmp_path):
     for a, b in zip(*weights):
         assert torch.allclose(a, b, atol=1e-6)
     assert not all(torch.equal(a, b) for a, b in zip(weights[0], [p for p in _model().parameters()]))
+
+
+def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
+    """A loss that becomes NaN skips the update (weights unchanged); N in a row stop the run clearly."""
+    import json
+    from functools import partial
+
+    import pytest
+
+    from lmtune.config import TrainConfig
+    from lmtune.errors import LmtuneError
+    from lmtune.train.loop import fit
+
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def nan_loss(m, b):
+        s, n = L.causal_lm_loss(m, b)
+        return s * float("nan"), n
+
+    cfg = TrainConfig(data="-", out="-", batch_size=2, max_steps=10, max_nonfinite_steps=3)
+    with pytest.raises(LmtuneError, match="not finite for 3 steps in a row"):
+        fit(model, _examples(), cfg, tmp_path, collate=partial(collate, pad_id=0), loss_fn=nan_loss)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["in_a_row"] for r in rows if r.get("skipped_nonfinite")] == [1, 2, 3]

@@ -26,7 +26,9 @@ def test_pretrain_learns_and_saves_a_plain_hf_folder(tmp_path, shakespeare_small
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("ROMEO: I will", return_tensors="pt").input_ids
-    state = torch.load(out / "checkpoints" / "step-00000060" / "state.pt", weights_only=False)["model"]
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(out / "checkpoints" / "step-00000060" / "dcp", tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
     fresh = AutoModelForCausalLM.from_config(model.config)
     fresh.load_state_dict(state, strict=False)
     fresh.tie_weights()

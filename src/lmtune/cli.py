@@ -20,9 +20,19 @@ from lmtune.errors import LmtuneError
 # verb -> (config class, "module:function", one-line summary)
 VERBS = {
     "pretrain": (C.PretrainConfig, "lmtune.pretrain:pretrain", "Train a tokenizer and a causal LM from scratch on text."),
-    "finetune": (C.FinetuneConfig, "lmtune.finetune:finetune", "Fine-tune a pretrained causal LM (full or LoRA)."),
+    "finetune": (C.FinetuneConfig, "lmtune.finetune:finetune", "Fine-tune a pretrained model on a task (full or LoRA)."),
+    "evaluate": (C.EvaluateConfig, "lmtune.evaluate:evaluate", "Score a model on a task's data (metrics table or --json)."),
+    "predict": (C.PredictConfig, "lmtune.predict:predict", "Run a model over a data file; write one JSONL row per input."),
     "generate": (C.GenerateConfig, "lmtune.generate:generate", "Generate text from a prompt."),
     "demo": (C.DemoConfig, "lmtune.demo:demo", "Fine-tune SmolLM2-135M on a built-in task, score before and after."),
+    "chat": (C.ChatConfig, "lmtune.chat:chat", "Chat with a model in the terminal (streams the reply)."),
+    "serve": (C.ServeConfig, "lmtune.serve:serve", "Serve a model over an OpenAI-compatible HTTP API."),
+    "merge": (C.MergeConfig, "lmtune.merge:merge", "Merge a LoRA adapter into its base model's weights."),
+    "export": (C.ExportConfig, "lmtune.export:export", "Export a model as a GGUF file or a plain HF folder."),
+    "sweep": (C.SweepConfig, "lmtune.sweep:sweep", "Search hyperparameters with Optuna (resumable, shareable study)."),
+    "estimate": (C.EstimateConfig, "lmtune.estimate:estimate", "Predict peak memory and time of a finetune/pretrain run."),
+    "report": (C.ReportConfig, "lmtune.report:report", "Write report.html with plots of one run, or overlay several."),
+    "probe": (C.ProbeConfig, "lmtune.probes:probe", "Counterfactual bias probe of a classifier or a causal LM."),
 }
 
 
@@ -59,9 +69,17 @@ def parse(verb: str, argv: list[str]):
     """Parse a verb's arguments into its config object (defaults < --config file < command line)."""
     parser, cls = _verb_parser(verb)
     ns, rest = parser.parse_known_args(argv)
+    if hasattr(cls, "WRAPS"):
+        return _parse_wrapper(cls, ns, rest)
     cli_values = {k: v for k, v in vars(ns).items() if k != "config"}
     known = list(C.fields_of(cls))
+    positional = getattr(cls, "POSITIONAL", None)  # e.g. `lmtune report RUN_A RUN_B`
+    bare = [item for item in rest if positional and not item.startswith("-") and "=" not in item]
+    if bare:
+        cli_values[positional] = ",".join(bare)
     for item in rest:
+        if item in bare:
+            continue
         if "=" in item and not item.startswith("-"):
             key, value = item.split("=", 1)
             cli_values[key.replace("-", "_")] = value
@@ -72,6 +90,19 @@ def parse(verb: str, argv: list[str]):
         raise LmtuneError(f"unknown option '{item}'{hint}")
     file_values = C.read_yaml(ns.config) if getattr(ns, "config", None) else {}
     return C.build(cls, file_values, ns.config or "", cli_values)
+
+
+def _parse_wrapper(cls, ns, rest: list[str]):
+    """`lmtune estimate finetune --model ...`: its own options, then the wrapped verb's config (which
+    also gets --config), parsed exactly as that verb parses it."""
+    own = {k: v for k, v in vars(ns).items() if k != "config"}
+    if rest and rest[0] in cls.WRAPS:
+        own["verb"], rest = rest[0], rest[1:]
+    cfg = C.build(cls, {}, "", own)
+    given = (["--config", ns.config] if getattr(ns, "config", None) else []) + rest
+    # an estimate writes nothing, so --out may be left out
+    cfg.run = parse(cfg.verb, given + ["out=(estimate)"] if "--out" not in rest and not ns.config else given)
+    return cfg
 
 
 def _usage() -> str:
@@ -98,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse(verb, argv[1:])
         module, func = VERBS[verb][1].split(":")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        _resume_after_elastic_restart(cfg)
         getattr(importlib.import_module(module), func)(cfg)
     except LmtuneError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -105,3 +137,18 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if "torch.distributed" in sys.modules:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _resume_after_elastic_restart(cfg) -> None:
+    """A worker that torchrun restarted (--max-restarts) continues from the last checkpoint by itself."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and hasattr(cfg, "resume"):
+        from pathlib import Path
+
+        if any(Path(cfg.out, "checkpoints").glob("step-*/meta.pt")):
+            cfg.resume = True

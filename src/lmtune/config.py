@@ -52,21 +52,56 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value; 0 turns clipping off.", min=0.0)
     seed: int = opt(0, "Seed for initialisation, data order and dropout.")
     bf16: bool = opt(False, "Run forward and backward under bf16 autocast.")
+    distributed: str = opt("none", "Engine across processes started by torchrun: ddp or fsdp (FSDP2).",
+                           choices=("none", "ddp", "fsdp"))
+    pack: bool = opt(False, "Pack several examples into each --max-length block (no compute on padding).")
+    activation_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    max_nonfinite_steps: int = opt(5, "Stop after this many updates in a row with a NaN/inf loss (each is skipped).",
+                                   min=1)
     val_split: float = opt(0.0, "Fraction of the training data held back for validation.", min=0.0, max=0.5)
     eval_every: int = opt(0, "Validate every N steps (0: only at the end, when there is validation data).", min=0)
     save_every: int = opt(100, "Write a checkpoint every N steps (and always at the end).", min=1)
     keep_checkpoints: int = opt(2, "How many of the latest checkpoints to keep.", min=1)
     log_every: int = opt(1, "Write a metrics.jsonl line every N steps.", min=1)
+    report_to: str = opt("", "Also log metrics to 'wandb' or 'mlflow' (if installed; comma-separated for both).")
     threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default.", min=0)
 
 
+TASKS = ("instruct", "classify", "translate", "qa", "lm")
+
+
 @dataclass
-class FinetuneConfig(TrainConfig):
-    """`lmtune finetune`: fine-tune a pretrained causal LM on instruction or prompt/completion data."""
+class TaskOptions:
+    """How a task reads its data and makes predictions; shared by `finetune`, `evaluate` and `predict`."""
+
+    text_column: str = opt("text", "classify: column (field) holding the text.")
+    label_column: str = opt("label", "classify: column holding the label.")
+    source_column: str = opt("source", "translate: field holding the source sentence (JSONL/CSV data). "
+                             "Two line-aligned text files instead: --data SRC_FILE,TGT_FILE (plain or .gz).")
+    target_column: str = opt("target", "translate: field holding the reference translation.")
+    source_lang: str = opt("", "translate, decoder models: source language name in the prompt "
+                           "(default: from a file name such as train.en.gz, else from the model's lmtune.json).")
+    target_lang: str = opt("", "translate, decoder models: target language name in the prompt.")
+    question_column: str = opt("question", "qa: field holding the question (JSONL/CSV; SQuAD JSON is read as is).")
+    context_column: str = opt("context", "qa: field holding the context passage.")
+    doc_stride: int = opt(128, "qa, encoder models: tokens shared by consecutive windows of a long context.", min=0)
+    stride: int = opt(0, "lm: tokens the perplexity window moves each step (0: half of --max-length).", min=0)
+    max_new_tokens: int = opt(64, "translate/qa with generating models: most tokens to generate.", min=1)
+
+
+@dataclass
+class FinetuneConfig(TaskOptions, TrainConfig):
+    """`lmtune finetune`: fine-tune a pretrained model on a task (instruct, classify, translate, qa, lm)."""
 
     model: str = opt("smollm2-135m", "Model: alias, local folder, .gguf file or hub id.")
-    task: str = opt("instruct", "Task type.", choices=("instruct",))
+    task: str = opt("instruct", "Task type.", choices=TASKS)
     eval_data: str = opt("", "Validation data file (same format as --data).")
+    metric: str = opt("", "Validation metric that picks DIR/best and drives early stopping "
+                      "(default: accuracy, bleu, f1, val_loss for classify, translate, qa, instruct/lm).")
+    metric_mode: str = opt("auto", "Whether higher or lower --metric is better (auto: lower for loss/perplexity).",
+                           choices=("auto", "max", "min"))
+    early_stopping_patience: int = opt(0, "Stop after K validations without improvement of --metric (0: never).",
+                                       min=0)
     learning_rate: float = opt(2e-4, "Peak learning rate.", min=0.0)
     max_length: int = opt(512, "Context length in tokens; longer records are truncated (counted once).", min=8)
     lora: bool = opt(False, "Train a LoRA adapter instead of all weights.")
@@ -108,6 +143,36 @@ class GenerateConfig:
 
 
 @dataclass
+class EvaluateConfig(TaskOptions):
+    """`lmtune evaluate`: score a model (base, full fine-tune, or base + LoRA adapter) on a task's data."""
+
+    model: str = opt("", "Model: alias, folder (full model or LoRA adapter), .gguf file or hub id.", required=True)
+    task: str = opt("", "Task type.", choices=TASKS[1:], required=True)
+    data: str = opt("", "Evaluation data file (for translate also SRC_FILE,TGT_FILE).", required=True)
+    json: bool = opt(False, "Print one JSON object on stdout instead of a table.")
+    batch_size: int = opt(16, "Rows per batch.", min=1)
+    max_length: int = opt(512, "Most tokens per input (lm: the perplexity window).", min=8)
+    limit: int = opt(0, "Use only the first N rows (lm: lines) of the data; 0: all.", min=0)
+    threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default.", min=0)
+    probe: str = opt("", "classify: also run a probe ('bias': counterfactual name/gender/nationality/religion swaps).",
+                     choices=("", "bias"))
+
+
+@dataclass
+class PredictConfig(TaskOptions):
+    """`lmtune predict`: batched inference, one JSONL output row per input row."""
+
+    model: str = opt("", "Model: alias, folder (full model or LoRA adapter), .gguf file or hub id.", required=True)
+    task: str = opt("", "Task type.", choices=TASKS[1:], required=True)
+    data: str = opt("", "Input data file (targets/labels not needed).", required=True)
+    out: str = opt("", "Output JSONL file (written to a temporary file, then renamed).", required=True)
+    batch_size: int = opt(16, "Rows per batch.", min=1)
+    max_length: int = opt(512, "Most tokens per input (lm: the perplexity window).", min=8)
+    limit: int = opt(0, "Use only the first N rows of the data; 0: all.", min=0)
+    threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default.", min=0)
+
+
+@dataclass
 class DemoConfig:
     """`lmtune demo`: measure SmolLM2-135M on a built-in date task, fine-tune it with LoRA, measure again."""
 
@@ -120,6 +185,132 @@ class DemoConfig:
     learning_rate: float = opt(2e-3, "Peak learning rate.", min=0.0)
     seed: int = opt(0, "Seed for data generation and training.")
     overwrite: bool = opt(True, "Replace an earlier demo run in --out.")
+
+
+@dataclass
+class ChatConfig:
+    """`lmtune chat`: talk to a model in the terminal (or through standard input).
+
+    Commands: /reset (forget the conversation), /system TEXT (set the system message), /exit."""
+
+    model: str = opt("smollm2-135m", "Model: alias, folder (full model or LoRA adapter), .gguf file or hub id.")
+    system: str = opt("", "System message to start with (empty: none, or the chat template's default).")
+    max_new_tokens: int = opt(256, "Most tokens per reply.", min=1)
+    temperature: float = opt(0.0, "Sampling temperature; 0 means greedy decoding.", min=0.0)
+    top_k: int = opt(0, "Sample among the k most likely tokens (0: all).", min=0)
+    top_p: float = opt(1.0, "Nucleus sampling probability mass.", min=0.0, max=1.0)
+    seed: int = opt(0, "Seed for sampling.")
+    bf16: bool = opt(False, "Generate in bf16.")
+
+
+@dataclass
+class ServeConfig:
+    """`lmtune serve`: an OpenAI-compatible HTTP server (/v1/models, /v1/completions, /v1/chat/completions).
+
+    Concurrent requests are generated together in batches. Binds 127.0.0.1 unless --host says otherwise."""
+
+    model: str = opt("smollm2-135m", "Model: alias, folder (full model or LoRA adapter), .gguf file or hub id.")
+    model_name: str = opt("", "Name the API serves the model under; empty means the --model value.")
+    host: str = opt("127.0.0.1", "Address to bind; 0.0.0.0 exposes the server to the network.")
+    port: int = opt(8000, "TCP port.", min=0, max=65535)
+    api_key: str = opt("", "Require 'Authorization: Bearer KEY' on all requests (empty: env LMTUNE_API_KEY).")
+    max_tokens: int = opt(512, "Largest max_tokens a request may ask for (and the default when it gives none).", min=1)
+    max_prompt_tokens: int = opt(2048, "Longest prompt, in tokens, a request may send.", min=1)
+    max_body_bytes: int = opt(1_000_000, "Largest request body in bytes.", min=1024)
+    max_n: int = opt(4, "Most completions (n, or prompts x n) one request may ask for.", min=1)
+    max_batch: int = opt(16, "Most sequences generated together in one batch.", min=1)
+    batch_wait_ms: float = opt(5.0, "How long the batcher waits for more requests before it starts a batch.", min=0.0)
+    bf16: bool = opt(False, "Generate in bf16.")
+    threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default.", min=0)
+
+
+@dataclass
+class MergeConfig:
+    """`lmtune merge`: fold a LoRA adapter into its base model's weights; writes a plain HF model folder."""
+
+    adapter: str = opt("", "LoRA adapter folder (as written by `lmtune finetune --lora`).", required=True)
+    out: str = opt("", "Output folder for the merged model.", required=True)
+    model: str = opt("", "Base model (default: the base named in the adapter's lmtune.json).")
+    overwrite: bool = opt(False, "Replace what --out holds.")
+
+
+@dataclass
+class ExportConfig:
+    """`lmtune export`: write a model (full, or base + LoRA adapter, merged) as a GGUF file or an HF folder."""
+
+    model: str = opt("", "Model: alias, folder (full model or LoRA adapter), .gguf file or hub id.", required=True)
+    out: str = opt("", "Output: FILE.gguf for --format gguf, a folder for --format safetensors.", required=True)
+    format: str = opt("gguf", "Output format.", choices=("gguf", "safetensors"))
+    dtype: str = opt("f16", "Weight precision in the GGUF file (norms stay f32).", choices=("f16", "f32"))
+    overwrite: bool = opt(False, "Replace an existing --out.")
+
+
+@dataclass
+class SweepConfig:
+    """`lmtune sweep --config SWEEP.yaml`: search hyperparameters of a fine-tune with Optuna.
+
+    The YAML holds `train:` (finetune keys, with validation data), `space:` (key: {low, high, log} for
+    numbers, or a list of choices), `metric`, `direction` and `trials`. Example:
+      train: {model: smollm2-135m, data: train.jsonl, eval_data: val.jsonl, lora: true, max_steps: 200, eval_every: 50}
+      space: {learning_rate: {low: 1.0e-5, high: 1.0e-2, log: true}, lora_r: [8, 16, 32]}
+    Several processes given the same --storage share one study; rerunning the command resumes it."""
+
+    train: dict = opt({}, "Finetune settings every trial starts from (any `lmtune finetune` key).")
+    space: dict = opt({}, "Search space: key: {low, high, log, step} (float/int) or key: [choice, ...].")
+    enqueue: list = opt([], "Settings to try first, e.g. [{learning_rate: 1.0e-3}] (a known-good start).")
+    out: str = opt("", "Sweep folder: study.db, one run folder per trial, best.yaml, trials.csv, report.html.",
+                   required=True)
+    metric: str = opt("val_loss", "Validation metric to optimise (val_loss, or one the task reports).")
+    direction: str = opt("auto", "minimize or maximize --metric (auto: minimize losses, maximize the rest).",
+                         choices=("auto", "minimize", "maximize"))
+    trials: int = opt(20, "Trials the study should hold in all (finished, pruned or failed), all processes together.",
+                      min=1)
+    pruner: str = opt("median", "Stop poor trials early from their validations.",
+                      choices=("median", "halving", "none"))
+    startup_trials: int = opt(3, "Trials run in full (and sampled at random) before pruning and TPE start.", min=0)
+    storage: str = opt("", "Optuna storage URL (default: sqlite:///OUT/study.db); any database URL Optuna accepts.")
+    study_name: str = opt("lmtune-sweep", "Study name inside --storage.")
+    seed: int = opt(-1, "Sampler seed; -1: random, so that processes sharing a study explore different points.")
+
+
+@dataclass
+class EstimateConfig:
+    """`lmtune estimate finetune|pretrain [that verb's options] [--check]`: predicted peak memory and time.
+
+    Takes the same options as the verb it estimates, e.g. `lmtune estimate finetune --model smollm2-135m
+    --data train.jsonl --out runs/x --lora --batch-size 8`. Nothing is trained unless --check is given."""
+
+    WRAPS = ("finetune", "pretrain")  # cli: the verbs whose options follow
+
+    verb: str = opt("finetune", "The verb to estimate (may also be given as the first word).", choices=WRAPS)
+    check: bool = opt(False, "Also run a few real steps through the training loop and print predicted vs measured.")
+    check_steps: int = opt(4, "Steps --check runs (the first is warm-up and not timed).", min=2)
+    json: bool = opt(False, "Print one JSON object instead of a table.")
+
+
+@dataclass
+class ReportConfig:
+    """`lmtune report RUN_DIR [RUN_DIR ...]`: report.html with loss, learning rate, speed and validation
+    plots and the run facts; several runs are overlaid for comparison."""
+
+    POSITIONAL = "runs"  # cli: bare words are run folders
+
+    runs: str = opt("", "Run folders (comma-separated, or given as bare words).", required=True)
+    out: str = opt("", "Where to write report.html and its PNGs (default: the run folder, or ./report for several).")
+
+
+@dataclass
+class ProbeConfig:
+    """`lmtune probe --model M`: counterfactual bias probe. The same sentences with names, genders,
+    nationalities or religions swapped: how often the predicted label flips (classify models), or how
+    much the likelihood of continuations changes (generative models)."""
+
+    model: str = opt("", "Model: a classify fine-tune (folder) or a causal LM.", required=True)
+    probe: str = opt("bias", "Probe to run.", choices=("bias",))
+    templates: str = opt("", "YAML/JSON file of your own templates (see lmtune/probes/bias.py); default: built-in.")
+    json: bool = opt(False, "Print one JSON object instead of a table.")
+    threshold: float = opt(0.1, "Flag an attribute whose flip rate or mean probability change exceeds this.",
+                           min=0.0, max=1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +339,8 @@ def coerce(cls, key: str, value: Any, where: str) -> Any:
     ok = (typ is bool and isinstance(value, bool)) or \
          (typ is int and isinstance(value, int) and not isinstance(value, bool)) or \
          (typ is float and isinstance(value, (int, float)) and not isinstance(value, bool)) or \
-         (typ is str and isinstance(value, str))
+         (typ is str and isinstance(value, str)) or \
+         (typ in (dict, list) and isinstance(value, typ))  # sweep's train/space mappings, YAML only
     if not ok:
         raise LmtuneError(f"{where}: key '{key}' must be {typ.__name__}, got {value!r}")
     if typ is float:
@@ -165,6 +357,8 @@ def coerce(cls, key: str, value: Any, where: str) -> Any:
 
 def _parse_string(text: str, typ: type, key: str, where: str) -> Any:
     try:
+        if typ in (dict, list):  # mappings and lists come from the YAML file only
+            raise ValueError
         if typ is bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True

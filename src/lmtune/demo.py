@@ -22,7 +22,7 @@ def _score(model_name: str, rows: list[dict]) -> tuple[float, list[str]]:
 
     model, tokenizer = models.load_causal_lm(model_name)
     prompts = [f"{r['instruction']}\n\n{r['input']}" for r in rows]
-    preds = instruct.predict(model, tokenizer, prompts, max_new_tokens=16)
+    preds = instruct.respond(model, tokenizer, prompts, max_new_tokens=16)
     return instruct.score(preds, [r["output"] for r in rows])["exact_match"], preds
 
 

@@ -1,7 +1,13 @@
-"""`lmtune finetune`: fine-tune a pretrained causal LM, fully or with LoRA, on instruction data."""
+"""`lmtune finetune`: fine-tune a pretrained model, fully or with LoRA, on a task.
+
+Every task (instruct, classify, translate, qa, lm) takes the same path through the functions each module
+in lmtune.tasks has: read, load, check, encode, collate, loss, evaluate; and the one training loop,
+`train.loop.fit`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from functools import partial
 from pathlib import Path
@@ -9,47 +15,103 @@ from pathlib import Path
 from lmtune.config import FinetuneConfig, to_dict
 
 
-def finetune(cfg: FinetuneConfig) -> Path:
-    """Check the inputs, load the model, encode the data, train, save the model into `cfg.out`."""
+def watched_metric(cfg: FinetuneConfig, task_metrics: tuple) -> tuple[str, str]:
+    """(name in metrics.jsonl, 'max' or 'min') of the metric that picks DIR/best and stops early."""
+    from lmtune.errors import LmtuneError
+
+    known = ["val_loss"] + [f"val_{m}" for m in task_metrics]
+    name = cfg.metric or getattr(importlib.import_module(f"lmtune.tasks.{cfg.task}"), "METRIC", "val_loss")
+    name = name if name.startswith("val_") else f"val_{name}"
+    if name not in known:
+        raise LmtuneError(f"--metric {cfg.metric}: --task {cfg.task} reports {', '.join(known)}")
+    if cfg.early_stopping_patience and not (cfg.eval_data or cfg.val_split):
+        raise LmtuneError("--early-stopping-patience needs validation data: give --eval-data or --val-split")
+    mode = cfg.metric_mode
+    if mode == "auto":
+        mode = "min" if "loss" in name or "perplexity" in name else "max"
+    return name, mode
+
+
+def best_saver(out: Path, tokenizer, meta: dict):
+    """save_best for the loop: the model as it was at its best validation, in DIR/best."""
+    from lmtune import models
+
+    def save_best(model, step: int, metrics: dict) -> None:
+        best = Path(out) / "best"
+        best.mkdir(exist_ok=True)
+        models.save_model(model, tokenizer, best, {**meta, "step": step, "metrics": metrics})
+    return save_best
+
+
+def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
+    """Check the inputs, load the model, encode the data, train, save the model into `cfg.out`.
+
+    Every task takes the same steps through the functions each module in lmtune.tasks has (read, load,
+    check, encode, collate, loss, evaluate). `on_validation(step, metrics)` goes to the loop
+    (`lmtune sweep` reports and prunes through it).
+    """
     import torch
 
     from lmtune import models
-    from lmtune.data.batching import collate
-    from lmtune.data.readers import read_records
-    from lmtune.tasks import instruct as task
+    from lmtune.data.batching import pack
+    from lmtune.errors import LmtuneError
     from lmtune.track import plot_loss, write_run_info
+    from lmtune.train import distributed
     from lmtune.train.checkpoint import check_out_dir, create_out_dir
     from lmtune.train.loop import fit, mean_loss
 
-    # Everything the user can get wrong is checked before the output folder is touched.
+    task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
+    distributed.setup(cfg.distributed)
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite)
+    metric, mode = watched_metric(cfg, task.METRICS)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rows = read_records(cfg.data)
-    eval_rows = read_records(cfg.eval_data) if cfg.eval_data else []
-    model, tokenizer = models.load_causal_lm(cfg.model)
-    examples = task.encode_all(rows, tokenizer, cfg.max_length, cfg.data)
-    eval_examples = task.encode_all(eval_rows, tokenizer, cfg.max_length, cfg.eval_data) if eval_rows else []
-    if not eval_examples and cfg.val_split:
-        n_val = max(1, int(len(examples) * cfg.val_split))
-        examples, eval_examples = examples[:-n_val], examples[-n_val:]
+    rows = task.read(cfg.data, cfg)
+    eval_rows = task.read(cfg.eval_data, cfg) if cfg.eval_data else []
+    if not eval_rows and cfg.val_split:  # the end of the data, as pretraining holds back the end of the text
+        n_val = max(1, int(len(rows) * cfg.val_split))
+        rows, eval_rows = rows[:-n_val], rows[-n_val:]
+    model, tokenizer, meta = task.load(cfg.model, cfg, train_rows=rows)
+    task.check(eval_rows, meta, cfg.eval_data or cfg.data, cfg)
+    examples = task.encode(rows, tokenizer, cfg, meta, cfg.data)
+    eval_examples = task.encode(eval_rows, tokenizer, cfg, meta, cfg.eval_data or cfg.data) if eval_rows else []
+    if cfg.pack:
+        if (meta["head"], meta["kind"]) != ("causal", "decoder"):
+            raise LmtuneError(f"--pack works for causal LMs; --task {cfg.task} with {cfg.model} is not one")
+        n_rows, examples = len(examples), pack(examples, cfg.max_length)
 
     torch.manual_seed(cfg.seed)
     if cfg.lora:
-        model = models.attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        model = models.attach_task_lora(model, meta["head"], cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                        cfg.lora_targets)
+    if cfg.activation_checkpointing:
+        models.enable_activation_checkpointing(model)
     total, trainable = models.count_parameters(model)
-    print(f"model {cfg.model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; "
-          f"{len(examples)} training examples, {len(eval_examples)} validation", file=sys.stderr)
+    if distributed.world().is_main:
+        packed = f" packed into {len(examples)} blocks of {cfg.max_length}" if cfg.pack else ""
+        print(f"model {cfg.model} ({meta['kind']}, --task {cfg.task}): {total / 1e6:.1f}M parameters, "
+              f"{trainable / 1e6:.2f}M trainable; {n_rows if cfg.pack else len(examples)} training examples"
+              f"{packed} from {len(rows)} rows, {len(eval_rows)} validation rows", file=sys.stderr)
 
     out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite)
     write_run_info(out, "finetune", to_dict(cfg), {"parameters": total, "trainable_parameters": trainable})
-    coll = partial(collate, pad_id=tokenizer.pad_token_id)
-    evaluate = (lambda m: {"val_loss": mean_loss(m, eval_examples, coll, task.loss, cfg.batch_size)}) \
-        if eval_examples else None
-    last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate,
-               resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"))
-    models.save_model(model, tokenizer, out, {"base_model": cfg.model, "task": cfg.task, "lora": cfg.lora})
+    meta = {"base_model": cfg.model, **meta, "lora": cfg.lora}
+    coll = task.collate(tokenizer, meta)
+
+    def evaluate(m) -> dict:  # validation loss and the task's own metrics (numbers only)
+        scores = {"val_loss": mean_loss(m, eval_examples, coll, task.loss, cfg.batch_size)}
+        if task.METRICS:
+            result = task.evaluate(m, tokenizer, eval_rows, cfg, meta)
+            scores.update({f"val_{k}": float(result[k]) for k in task.METRICS})
+        return scores
+
+    last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate if eval_rows else None,
+               resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"),
+               metric=metric, mode=mode, patience=cfg.early_stopping_patience,
+               save_best=best_saver(out, tokenizer, meta), on_validation=on_validation)
+    models.save_model(model, tokenizer, out, meta)
     plot_loss(out)
-    print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; model in {out}",
-          file=sys.stderr)
+    if distributed.world().is_main:
+        print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; model in {out}"
+              + (f", best ({metric}) in {out / 'best'}" if eval_rows else ""), file=sys.stderr)
     return out

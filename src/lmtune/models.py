@@ -195,6 +195,15 @@ def attach_lora(model, r: int, alpha: float, dropout: float, targets: str):
         raise LmtuneError(f"lora_targets '{targets}': {str(e).splitlines()[0]}") from None
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each block's activations in backward instead of keeping them (less memory, ~30% more
+    compute). With frozen embeddings (LoRA) the inputs must require grad for the recomputation to count."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "enable_input_require_grads"):
+        base.enable_input_require_grads()
+
+
 def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -205,13 +214,121 @@ def save_model(model, tokenizer, out: Path, meta: dict) -> None:
     """Write the model (full weights, or the adapter of a peft model), its tokenizer and lmtune.json
     into `out`: first into a temporary folder, then moved in file by file, so no half-written model
     is left where a reader would look."""
-    out = Path(out)
+    import transformers
+
+    from lmtune.train import distributed
+
+    transformers.utils.logging.disable_progress_bar()
+    out, state = Path(out), None
+    if distributed.world().mode == "fsdp":  # gather the shards into one full state dict (all ranks take part)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not distributed.world().is_main:
+        return
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=out))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         (tmp / LMTUNE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models for a task: the right head (sequence classification, answer span, seq2seq, causal LM).
+
+HEADS = ("causal", "seq_cls", "qa_span", "seq2seq")
+
+
+def model_kind(path: str) -> str:
+    """'seq2seq', 'encoder' or 'decoder', from the model's config. Encoders are the model types that
+    have a masked-LM head (BERT, RoBERTa, ...): decoder-only families (Llama, GPT-2, ...) have none."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    meta = read_lmtune_file(path)
+    if meta.get("kind"):
+        return meta["kind"]
+    if (Path(path) / "adapter_config.json").is_file():
+        return model_kind(_adapter_base(path))
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise LmtuneError(f"could not read the config of model {path}: {str(e).splitlines()[0]}") from None
+    if cfg.is_encoder_decoder:
+        return "seq2seq"
+    return "encoder" if cfg.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "decoder"
+
+
+def _adapter_base(path: str) -> str:
+    meta = read_lmtune_file(path)
+    base = meta.get("base_model") or json.loads((Path(path) / "adapter_config.json").read_text())[
+        "base_model_name_or_path"]
+    return resolve(base)
+
+
+def check_task_fit(name: str, task: str, head: str) -> str:
+    """The model's path, once we know lmtune did not train it with another head (say, instruct for classify)."""
+    path = resolve(name)
+    meta = read_lmtune_file(path)
+    trained_head = meta.get("head") or ("causal" if meta.get("task") else None)
+    if trained_head and trained_head != head:
+        raise LmtuneError(f"model {name} was fine-tuned for task '{meta.get('task')}', which does not fit "
+                          f"--task {task}: use a base model or one fine-tuned with --task {task}")
+    return path
+
+
+def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None = None,
+                  trainable_adapter: bool = False):
+    """(model, tokenizer, path) with the head `task` needs; an adapter folder brings its base model.
+    A folder that lmtune trained with another head (e.g. an instruct model for classify) is refused."""
+    import torch
+    import transformers
+    from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
+                              AutoModelForSequenceClassification)
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = check_task_fit(name, task, head)
+    cls = {"causal": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification,
+           "qa_span": AutoModelForQuestionAnswering, "seq2seq": AutoModelForSeq2SeqLM}[head]
+    extra = {}
+    if labels:
+        extra = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                     label2id={lab: i for i, lab in enumerate(labels)})
+    is_adapter = (Path(path) / "adapter_config.json").is_file()
+    base_path = _adapter_base(path) if is_adapter else path
+    try:
+        model = cls.from_pretrained(base_path, dtype=torch.float32, **extra)
+        if is_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
+    except (OSError, ValueError) as e:
+        raise LmtuneError(f"could not load model '{name}' for --task {task}: {str(e).splitlines()[0]}") from None
+    tok = load_tokenizer(path if (Path(path) / "tokenizer_config.json").is_file() else base_path)
+    if head == "seq_cls":  # decoders classify from the last non-pad token, found by the pad id
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok, path
+
+
+def attach_task_lora(model, head: str, r: int, alpha: float, dropout: float, targets: str):
+    """LoRA for a task head. The new head (classifier/score, qa_outputs) is trained in full and saved
+    with the adapter (modules_to_save): a frozen random head could not learn anything."""
+    from peft import LoraConfig, get_peft_model
+
+    task_type = {"causal": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "qa_span": "QUESTION_ANS",
+                 "seq2seq": "SEQ_2_SEQ_LM"}[head]
+    heads = {"seq_cls": ["classifier", "score"], "qa_span": ["qa_outputs"]}.get(head)
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    keep = [h for h in heads if h in names] if heads else None
+    target = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, task_type=task_type,
+                     modules_to_save=keep)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise LmtuneError(f"lora_targets '{targets}': {str(e).splitlines()[0]}") from None

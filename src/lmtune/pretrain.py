@@ -68,9 +68,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from lmtune.data.readers import read_text
     from lmtune.tasks import lm as task
     from lmtune.track import plot_loss, write_run_info
+    from lmtune.train import distributed
     from lmtune.train.checkpoint import check_out_dir, create_out_dir
     from lmtune.train.loop import fit, mean_loss
 
+    distributed.setup(cfg.distributed)
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -89,12 +91,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     model = models.build_from_preset(cfg.model_size, tokenizer, cfg.max_length, cfg.model_config)
     total, _ = models.count_parameters(model)
     n_tokens = sum(len(e["input_ids"]) for e in examples)
-    print(f"model {cfg.model_config or cfg.model_size}: {total / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}; "
-          f"{n_tokens} training tokens in {len(examples)} blocks, {len(val_examples)} validation blocks",
-          file=sys.stderr)
+    if cfg.activation_checkpointing:
+        models.enable_activation_checkpointing(model)
+    if distributed.world().is_main:
+        print(f"model {cfg.model_config or cfg.model_size}: {total / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}; "
+              f"{n_tokens} training tokens in {len(examples)} blocks, {len(val_examples)} validation blocks",
+              file=sys.stderr)
 
     out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite)
-    if not cfg.resume:
+    if not cfg.resume and distributed.world().is_main:
         tokenizer.save_pretrained(out / "tokenizer")
     write_run_info(out, "pretrain", to_dict(cfg), {"parameters": total, "train_tokens": n_tokens})
     coll = partial(collate, pad_id=tokenizer.pad_token_id)
@@ -104,7 +109,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"))
     models.save_model(model, tokenizer, out, {"task": "lm", "model_size": cfg.model_size})
     plot_loss(out)
-    print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}"
-          + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f"; model in {out}",
-          file=sys.stderr)
+    if distributed.world().is_main:
+        print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}"
+              + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f"; model in {out}",
+              file=sys.stderr)
     return out

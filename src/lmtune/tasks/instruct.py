@@ -3,16 +3,24 @@
 encode: a row becomes token ids with labels only on the response (every assistant turn), found by
 character position in the rendered text, so special tokens inside the response (the end of turn)
 are learned too. predict: greedy generation of the response. score: exact match.
+The task interface every module in lmtune.tasks has (read, load, check, encode, collate, loss,
+predict, evaluate) is at the end.
 """
 
 from __future__ import annotations
 
 import sys
+from functools import partial
 
+from lmtune.data import batching
 from lmtune.data.batching import IGNORE
-from lmtune.data.readers import where
+from lmtune.data.readers import read_records, where
 from lmtune.errors import LmtuneError
 from lmtune.train.loss import causal_lm_loss as loss  # noqa: F401  (the task's loss)
+
+HEAD = "causal"
+METRIC = "val_loss"
+METRICS = ()  # validation during training: the loss only (generating every response would dominate)
 
 FORMATS = "'instruction'+'output' (Alpaca), 'prompt'+'completion', or 'messages'"
 
@@ -59,7 +67,7 @@ def prompt_text(tokenizer, user_text: str) -> str:
     return render(tokenizer, [{"role": "user", "content": user_text}], add_generation_prompt=True)
 
 
-def encode(row: dict, tokenizer, max_length: int, path: str = "") -> tuple[dict | None, bool]:
+def encode_row(row: dict, tokenizer, max_length: int, path: str = "") -> tuple[dict | None, bool]:
     """(example with input_ids/labels, was it truncated); the example is None if no target is left."""
     msgs = to_messages(row, path)
     text = render(tokenizer, msgs)
@@ -85,7 +93,7 @@ def encode_all(rows: list[dict], tokenizer, max_length: int, path: str) -> list[
     """Encode every row; truncation is warned about once, with counts (records are kept, cut at the end)."""
     examples, n_trunc, n_dropped = [], 0, 0
     for row in rows:
-        ex, truncated = encode(row, tokenizer, max_length, path)
+        ex, truncated = encode_row(row, tokenizer, max_length, path)
         n_trunc += truncated
         if ex is None:
             n_dropped += 1
@@ -99,7 +107,7 @@ def encode_all(rows: list[dict], tokenizer, max_length: int, path: str) -> list[
     return examples
 
 
-def predict(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+def respond(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
     """Greedy answers to user prompts, batched with left padding."""
     import torch
 
@@ -124,3 +132,56 @@ def score(predictions: list[str], references: list[str]) -> dict:
     """Exact match (after stripping surrounding whitespace), in percent."""
     hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
     return {"exact_match": 100.0 * hits / max(len(references), 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The task interface (as in classify, translate, qa, lm).
+
+def read(path: str, cfg, targets: bool = True) -> list[dict]:
+    return read_records(path)
+
+
+def load(name: str, cfg, train_rows: list[dict] | None = None):
+    from lmtune import models
+
+    model, tokenizer, _ = models.load_for_task(name, "instruct", HEAD)
+    return model, tokenizer, {"task": "instruct", "head": HEAD, "kind": "decoder"}
+
+
+def check(rows: list[dict], meta: dict, path: str, cfg) -> None:
+    for row in rows:
+        to_messages(row, path)
+
+
+def encode(rows: list[dict], tokenizer, cfg, meta: dict, path: str) -> list[dict]:
+    return encode_all(rows, tokenizer, cfg.max_length, path)
+
+
+def collate(tokenizer, meta: dict):
+    return partial(batching.collate, pad_id=tokenizer.pad_token_id)
+
+
+def _ask_and_expect(row: dict, path: str) -> tuple[str, str]:
+    """The last user turn and the answer expected after it (for scoring)."""
+    msgs = to_messages(row, path)
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    user = [m["content"] for m in msgs[:last] if m["role"] == "user"]
+    return (user[-1] if user else ""), msgs[last]["content"]
+
+
+def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
+    prompts = [_ask_and_expect(r, getattr(cfg, "data", ""))[0] for r in rows]
+    answers = respond(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+    return [{"response": a} for a in answers]
+
+
+def evaluate(model, tokenizer, rows: list[dict], cfg, meta: dict) -> dict:
+    """Exact match of greedy responses, and the loss per response token."""
+    from lmtune.train.loop import mean_loss
+
+    expected = [_ask_and_expect(r, cfg.data)[1] for r in rows]
+    answers = [p["response"] for p in predict(model, tokenizer, rows, cfg, meta)]
+    examples = encode_all(rows, tokenizer, cfg.max_length, cfg.data)
+    result = score(answers, expected)
+    result["loss"] = mean_loss(model, examples, collate(tokenizer, meta), loss, cfg.batch_size)
+    return result

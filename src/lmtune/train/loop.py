@@ -19,8 +19,10 @@ from typing import Callable
 
 import torch
 
+from lmtune.data.batching import count_targets
 from lmtune.errors import LmtuneError
 from lmtune.track import MetricsLog
+from lmtune.train import distributed
 from lmtune.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from lmtune.train.optim import build_optimizer, build_scheduler
 
@@ -46,10 +48,17 @@ def _epoch_order(n_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(order)
 
 
+def rank_batch(n_examples: int, cfg, index: int, w: distributed.World) -> list[int]:
+    """This rank's part of global micro-batch `index`. The global micro-batch (batch_size x ranks rows)
+    does not depend on the number of ranks that share it: 2 ranks x batch B see what 1 x 2B sees."""
+    rows = micro_batch(n_examples, cfg.batch_size * w.size, cfg.seed, index)
+    return rows[w.rank * cfg.batch_size:(w.rank + 1) * cfg.batch_size]
+
+
 def total_steps(cfg, n_examples: int) -> int:
     if cfg.max_steps:
         return cfg.max_steps
-    per_epoch = math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum)
+    per_epoch = math.ceil(math.ceil(n_examples / (cfg.batch_size * distributed.world().size)) / cfg.grad_accum)
     return max(1, math.ceil(cfg.epochs * per_epoch))
 
 
@@ -64,6 +73,31 @@ def mean_loss(model, examples: list[dict], collate: Callable, loss_fn: Callable,
         total, count = total + float(s), count + n
     model.train(was_training)
     return total / max(count, 1)
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far: GPU memory allocated on a GPU, resident memory on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _rows(examples: list[dict], idx: list[int]) -> list[dict]:
+    """The examples at `idx`; an empty share (the last, short batch of an epoch split over ranks) becomes
+    one example without targets, so every rank still runs forward and backward together."""
+    if idx:
+        return [examples[i] for i in idx]
+    e = examples[0]
+    return [{**e, "labels": [-100] * len(e["labels"]) if isinstance(e["labels"], list) else -100}]
+
+
+class _NoLog:
+    """Ranks other than 0 write nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
 
 
 class _StopFlag:
@@ -88,13 +122,26 @@ class _StopFlag:
 
 
 def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_fn: Callable,
-        evaluate: Callable | None = None, resume_command: str = "") -> dict:
-    """Train `model` in place on `examples`; returns the last logged metrics."""
+        evaluate: Callable | None = None, resume_command: str = "", metric: str = "val_loss",
+        mode: str = "min", patience: int = 0, save_best: Callable | None = None,
+        on_validation: Callable | None = None) -> dict:
+    """Train `model` in place on `examples`; returns the last logged metrics.
+
+    `evaluate(model) -> metrics` runs every `cfg.eval_every` steps and at the end. When `metrics[metric]`
+    improves (`mode` 'max' or 'min') `save_best(model, step, metrics)` is called; after `patience`
+    validations without improvement (0: never) training stops early, with a final checkpoint.
+    `on_validation(step, metrics)` is called after each validation; it may raise to stop the run (a sweep
+    prunes a poor trial this way).
+    """
     from tqdm import tqdm
 
-    out = Path(out)
+    out, w = Path(out), distributed.world()
     steps = total_steps(cfg, len(examples))
+    # DDP needs the forward to run through its wrapper: the wrapper's forward is the task's loss
+    model = distributed.place(model)
+    engine = distributed.wrap(model, w, loss_fn)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    device = next(model.parameters()).device
     scheduler = build_scheduler(optimizer, cfg, steps)
     autocast = torch.autocast("cuda" if next(model.parameters()).is_cuda else "cpu", dtype=torch.bfloat16) \
         if cfg.bf16 else nullcontext()
@@ -103,36 +150,57 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
     if cfg.resume and list_checkpoints(out):
         state = load_checkpoint(list_checkpoints(out)[-1], model, optimizer, scheduler)
         start = state["step"]
-        print(f"resuming from step {start} ({list_checkpoints(out)[-1]})", file=sys.stderr)
-    log = MetricsLog(out, resume_step=start if cfg.resume else None)
+        if w.is_main:
+            print(f"resuming from step {start} ({list_checkpoints(out)[-1]})", file=sys.stderr)
+    log = MetricsLog(out, resume_step=start if cfg.resume else None) if w.is_main else _NoLog()
 
     model.train()
     last: dict = {}
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-    t_start, tokens_seen = time.perf_counter(), 0
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
+               mininterval=0.5 if sys.stderr.isatty() else 10, disable=not w.is_main)
+    t_start, tokens_seen, bad_in_a_row = time.perf_counter(), 0, 0
+    best, evals_since_best = None, 0  # not restored on --resume: the first validation sets it again
     with _StopFlag() as stop:
         for step in range(start, steps):
             t0 = time.perf_counter()
             # 1. this step's micro-batches; the loss is normalised by the target tokens of all of them,
             #    so every token weighs the same whatever micro-batch it fell into
-            batches = [collate([examples[i] for i in micro_batch(len(examples), cfg.batch_size, cfg.seed,
-                                                                  step * cfg.grad_accum + k)])
+            #    (with several ranks: each its share, and the counts summed over all of them)
+            batches = [collate(_rows(examples, rank_batch(len(examples), cfg, step * cfg.grad_accum + k, w)))
                        for k in range(cfg.grad_accum)]
-            n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-            # 2. forward and backward, accumulating gradients
+            batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+            n_targets = sum(b["n_targets"] if "n_targets" in b else count_targets(b) for b in batches)
+            n_tokens = sum(b["n_tokens"] if "n_tokens" in b else int(b["attention_mask"].sum()) for b in batches)
+            n_targets, n_tokens = distributed.all_sum([n_targets, n_tokens])
+            # 2. forward and backward, accumulating gradients. DDP and FSDP average gradients over the
+            #    ranks, so each rank's share is scaled by the world size to get the sum over all tokens;
+            #    DDP skips its gradient all-reduce on all but the last micro-batch (no_sync).
             loss_sum = 0.0
-            for b in batches:
-                with autocast:
-                    s, _ = loss_fn(model, b)
-                (s / max(n_targets, 1)).backward()
+            for k, b in enumerate(batches):
+                with nullcontext() if w.mode != "ddp" or k == len(batches) - 1 else engine.no_sync():
+                    with autocast:
+                        s, _ = engine(b)
+                    (s * w.size / max(n_targets, 1)).backward()
                 loss_sum += float(s.detach())
+            loss_sum = distributed.all_sum([loss_sum])[0]
             # 3. clip, step, schedule
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.grad is not None],
                 cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            # a non-finite loss or gradient would poison the weights: skip that update and count it
+            if math.isfinite(loss_sum) and math.isfinite(float(grad_norm)):
+                optimizer.step()
+                bad_in_a_row = 0
+            else:
+                bad_in_a_row += 1
+                log.write({"step": step + 1, "skipped_nonfinite": True, "in_a_row": bad_in_a_row})
+                if bad_in_a_row >= cfg.max_nonfinite_steps:
+                    good = list_checkpoints(out)
+                    raise LmtuneError(f"the loss or gradient was not finite for {bad_in_a_row} steps in a row "
+                                      f"(up to step {step + 1}); lower --learning-rate or check the data. Last "
+                                      f"good checkpoint: {good[-1] if good else 'none'}")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             # 4. log
@@ -141,7 +209,7 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
             last = {"step": step + 1, "loss": loss_sum / max(n_targets, 1), "lr": lr,
                     "grad_norm": float(grad_norm), "tokens_per_s": n_tokens / dt,
                     "target_tokens_per_s": n_targets / dt, "target_tokens": n_targets,
-                    "elapsed_s": time.perf_counter() - t_start}
+                    "elapsed_s": time.perf_counter() - t_start, "peak_mem_mb": peak_memory_mb()}
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 log.write(last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_seen / last['elapsed_s']:.0f}")
@@ -149,17 +217,36 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
             # 5. validate
             done = step + 1 == steps
             if evaluate and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-                metrics = evaluate(model)
+                with distributed.gathered(engine):
+                    metrics = evaluate(model)
                 model.train()
                 log.write({"step": step + 1, **metrics})
                 last.update(metrics)
                 bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            # 6. checkpoint (also when asked to stop)
+                if on_validation:
+                    on_validation(step + 1, metrics)
+                value = metrics.get(metric)
+                if value is not None and (best is None or (value > best if mode == "max" else value < best)):
+                    best, evals_since_best = value, 0
+                    if save_best:
+                        save_best(model, step + 1, metrics)
+                else:
+                    evals_since_best += 1
+                if patience and evals_since_best >= patience and not done:
+                    bar.write(f"early stopping at step {step + 1}: {metric} has not improved on {best:.4f} "
+                              f"for {patience} validations")
+                    log.write({"step": step + 1, "early_stopped": True, f"best_{metric}": best})
+                    done = True
+            # 6. checkpoint (also when asked to stop: a signal to any rank stops them all)
+            if w.size > 1:
+                stop.signal = stop.signal or ("SIGTERM" if distributed.all_sum([bool(stop.signal)])[0] else None)
             if (step + 1) % cfg.save_every == 0 or done or stop.signal:
                 save_checkpoint(out, step + 1, model, optimizer, scheduler, cfg.keep_checkpoints)
             if stop.signal and not done:
                 bar.close()
                 raise Interrupted(f"stopped by {stop.signal} after step {step + 1} of {steps}; checkpoint saved. "
                                   f"Resume with: {resume_command or 'the same command'} --resume")
+            if done:  # the last step, or stopped early
+                break
     bar.close()
     return last

@@ -1,0 +1,150 @@
+"""Quality benchmark: fine-tune and evaluate on ../shared/data, print lmtune's figure beside the published one.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py --minutes 3 --threads 2        # everything
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py --only sst2,wikitext2 --minutes 1
+
+Each fine-tune gets a CPU budget of --minutes of training: a 2-step probe measures the time a step takes
+here, and the run takes as many steps as fit in the budget (model loading and evaluation are extra; the
+table's wall time counts everything). Evaluation sets that need generation are cut to --gen-rows rows.
+Published figures come from full training on GPUs: the point is the gap at a given CPU budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _finetune(budget_min: float, work: Path, name: str, **kw) -> Path:
+    """finetune with as many steps as fit in the budget (measured by a 2-step probe)."""
+    from lmtune.config import FinetuneConfig
+    from lmtune.finetune import finetune
+    from lmtune.track import read_metrics
+
+    probe = work / f"{name}-probe"
+    finetune(FinetuneConfig(out=str(probe), max_steps=2, save_every=10_000, **kw))
+    per_step = read_metrics(probe)[-1]["elapsed_s"] / 2
+    steps = max(2, int(budget_min * 60 / per_step))
+    print(f"[{name}] {per_step:.2f} s/step here: {steps} steps in {budget_min} min", file=sys.stderr)
+    out = work / name
+    finetune(FinetuneConfig(out=str(out), max_steps=steps, save_every=10_000, warmup_steps=min(20, steps // 10),
+                            **kw))
+    return out
+
+
+def _evaluate(model: str, task: str, data: str, **kw) -> dict:
+    from lmtune.config import EvaluateConfig
+    from lmtune.evaluate import evaluate
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return evaluate(EvaluateConfig(model=model, task=task, data=data, **kw))
+
+
+def _xquad_split(work: Path) -> tuple[str, str]:
+    """XQuAD English split by article (no context shared): the first 27 articles train, the last 9 dev."""
+    data = json.loads((DATA / "xquad" / "xquad.en.train.json").read_text())["data"]
+    paths = []
+    for name, arts in (("train", data[:27]), ("dev", data[27:])):
+        p = work / f"xquad.{name}.json"
+        p.write_text(json.dumps({"version": "1.1", "data": arts}))
+        paths.append(str(p))
+    return paths[0], paths[1]
+
+
+def sst2(a, work: Path) -> list[tuple]:
+    # SST-2 train is sorted by nothing useful for a few hundred rows, so sample rows with a fixed seed
+    lines = (DATA / "sst2" / "train.tsv").read_text().splitlines(True)
+    rows = random.Random(0).sample(lines[1:], min(len(lines) - 1, 20_000))
+    train = work / "sst2.train.tsv"
+    train.write_text(lines[0] + "".join(rows))
+    model = _finetune(a.minutes, work, "sst2", task="classify", model="minilm-l6", data=str(train),
+                      text_column="sentence", batch_size=32, learning_rate=1e-4, max_length=64, threads=a.threads)
+    r = _evaluate(str(model), "classify", str(DATA / "sst2" / "dev.tsv"), text_column="sentence", max_length=128)
+    return [("SST-2 dev accuracy", "minilm-l6 full", r["accuracy"], "DistilBERT 91.3, MiniLM-L12 93.0")]
+
+
+def multi30k(a, work: Path) -> list[tuple]:
+    m = DATA / "multi30k"
+    pairs = []  # the first 2,000 training pairs: a CPU budget of minutes sees a few hundred at most
+    for lang in ("en", "de"):
+        lines = gzip.open(m / f"train.{lang}.gz", "rt", encoding="utf-8").read().split("\n")[:2000]
+        (work / f"train.{lang}").write_text("\n".join(lines) + "\n")
+        pairs.append(str(work / f"train.{lang}"))
+    model = _finetune(a.minutes, work, "multi30k", task="translate", model="smollm2-135m", lora=True,
+                      data=",".join(pairs), batch_size=8, learning_rate=1e-3,
+                      max_length=160, threads=a.threads)
+    r = _evaluate(str(model), "translate", f"{m / 'test_2016_flickr.en.gz'},{m / 'test_2016_flickr.de.gz'}",
+                  limit=a.gen_rows, max_new_tokens=48, batch_size=16)
+    return [(f"Multi30k en-de test2016 BLEU (first {r['rows']})", "smollm2-135m LoRA", r["bleu"],
+             "Transformers from scratch: about 30-35")]
+
+
+def xquad_extractive(a, work: Path) -> list[tuple]:
+    train, dev = _xquad_split(work)
+    model = _finetune(a.minutes, work, "xquad-ext", task="qa", model="minilm-l6", data=train, batch_size=16,
+                      learning_rate=1e-4, max_length=256, doc_stride=64, threads=a.threads)
+    r = _evaluate(str(model), "qa", dev, max_length=256, doc_stride=64)
+    return [(f"XQuAD-en dev F1/EM ({r['rows']} q.)", "minilm-l6 extractive", f"{r['f1']:.1f}/{r['exact_match']:.1f}",
+             "mBERT 83.5/72.2 (after SQuAD)")]
+
+
+def xquad_generative(a, work: Path) -> list[tuple]:
+    train, dev = _xquad_split(work)
+    model = _finetune(a.minutes, work, "xquad-gen", task="qa", model="smollm2-135m", lora=True, data=train,
+                      batch_size=4, learning_rate=1e-3, max_length=384, threads=a.threads)
+    r = _evaluate(str(model), "qa", dev, limit=a.gen_rows, max_new_tokens=24, batch_size=8)
+    return [(f"XQuAD-en dev F1/EM ({r['rows']} q.)", "smollm2-135m generative",
+             f"{r['f1']:.1f}/{r['exact_match']:.1f}", "mBERT 83.5/72.2 (after SQuAD)")]
+
+
+def wikitext2(a, work: Path) -> list[tuple]:
+    r = _evaluate("smollm2-135m", "lm", str(DATA / "wikitext2" / "wiki.valid.tokens"), limit=a.lm_lines,
+                  max_length=512, stride=256)
+    return [(f"WikiText-2 valid perplexity ({r['tokens']} tok.)", "smollm2-135m zero-shot", r["perplexity"],
+             "GPT-2 117M 29.41 (test, word-level)")]
+
+
+RUNS = {"sst2": sst2, "multi30k": multi30k, "xquad-ext": xquad_extractive, "xquad-gen": xquad_generative,
+        "wikitext2": wikitext2}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=3.0, help="CPU budget of training per fine-tune, in minutes")
+    p.add_argument("--only", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    p.add_argument("--gen-rows", type=int, default=100, help="rows scored where the model generates")
+    p.add_argument("--lm-lines", type=int, default=0, help="WikiText-2 lines for perplexity (0: all 3,760)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = p.parse_args()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    table = []
+    with tempfile.TemporaryDirectory(prefix="lmtune-quality-") as tmp:
+        for name in a.only.split(","):
+            t0 = time.perf_counter()
+            for row in RUNS[name](a, Path(tmp)):
+                table.append((*row, time.perf_counter() - t0))
+                print(f"[{name}] {row[0]}: {row[2]} (published: {row[3]})", file=sys.stderr, flush=True)
+    print(f"\nlmtune quality, training budget {a.minutes} min per fine-tune, {a.gen_rows} generated rows max\n")
+    print(f"{'benchmark':<44} {'model':<24} {'lmtune':>11}  {'wall':>7}  published")
+    for bench, model, value, published, wall in table:
+        shown = f"{value:.2f}" if isinstance(value, float) else value
+        print(f"{bench:<44} {model:<24} {shown:>11}  {wall / 60:>5.1f}m  {published}")
+
+
+if __name__ == "__main__":
+    main()

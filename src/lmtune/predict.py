@@ -1,0 +1,45 @@
+"""`lmtune predict`: run a model over a data file and write one JSONL row per input row.
+
+Each output row holds the input's line (`row`) and the prediction: `label` and `probabilities`
+(classify), `translation` (translate), `answer` (qa), `perplexity` (lm, per line). The file is written
+to a temporary file next to --out and renamed at the end, so --out is either complete or untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from lmtune.config import PredictConfig
+from lmtune.errors import LmtuneError
+
+
+def predict(cfg: PredictConfig) -> Path:
+    import torch
+
+    out = Path(cfg.out)
+    if out.is_dir():
+        raise LmtuneError(f"--out {cfg.out} is a folder: give a file name such as predictions.jsonl")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
+    rows = task.read(cfg.data, cfg, targets=False)
+    model, tokenizer, meta = task.load(cfg.model, cfg)
+    preds = task.predict(model, tokenizer, rows, cfg, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row, pred in zip(rows, preds):
+                ids = {"row": row.get("_line"), **({"id": row["id"]} if "id" in row else {})}
+                f.write(json.dumps({**ids, **pred}, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"{len(preds)} predictions written to {out}", file=sys.stderr)
+    return out
