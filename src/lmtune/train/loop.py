@@ -208,7 +208,7 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
             tokens_seen += n_tokens
             last = {"step": step + 1, "loss": loss_sum / max(n_targets, 1), "lr": lr,
                     "grad_norm": float(grad_norm), "tokens_per_s": n_tokens / dt,
-                    "target_tokens_per_s": n_targets / dt, "target_tokens": n_targets,
+                    "target_tokens_per_s": n_targets / dt, "target_tokens": n_targets, "tokens": n_tokens,
                     "elapsed_s": time.perf_counter() - t_start, "peak_mem_mb": peak_memory_mb()}
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 log.write(last)

@@ -1,0 +1,57 @@
+"""lmtune estimate: predictions for every variant, checked against real steps of small runs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from _tiny_models import run_cli, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    from lmtune.data.synthetic import date_records
+
+    p = tmp_path_factory.mktemp("est") / "text.txt"
+    p.write_text("\n".join(f"{r['input']} is {r['output']}" for r in date_records(600, seed=0)))
+    return p
+
+
+@pytest.mark.parametrize("length", [128, 256])
+def test_check_is_within_bounds(text, capsys, length):
+    assert run_cli(["estimate", "pretrain", "--data", text, "--tokenizer", "char", "--model-size", "1m",
+                    "--max-length", length, "--batch-size", 8, "--max-steps", 40, "--threads", 1,
+                    "--check", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    c = result["check"]
+    assert abs(c["memory_error"]) <= 0.15, c
+    # step times measured while other processes compete for the CPU say little about this machine
+    assert abs(c["time_error"]) <= (0.25 if os.getloadavg()[0] < 1.5 else 0.6), c
+    assert len(result["variants"]) == 4 and result["steps"] == 40
+
+
+def test_variants_of_a_finetune(tmp_path, capsys):
+    base = tiny_llama(tmp_path / "tiny")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} is fine", "label": i % 2}) + "\n" for i in range(32)))
+    assert run_cli(["estimate", "finetune", "--model", base, "--task", "classify", "--data", data, "--lora",
+                    "--epochs", 2]) == 0
+    out = capsys.readouterr().out
+    assert "<- this run" in out and out.count("\n") >= 9
+    table = [line.split() for line in out.splitlines()[2:10]]
+    full, lora = table[0], table[4]
+    assert (full[0], lora[0]) == ("no", "yes") and float(lora[3][:-1]) < float(full[3][:-1])
+    assert "<- this run" in out.splitlines()[6]  # lora, no checkpointing, no bf16; 32 rows / 8 x 2 epochs
+    assert "8 steps" in out
+
+
+def test_a_model_it_cannot_count(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a", "label": 0}) + "\n" + json.dumps({"text": "b", "label": 1}) + "\n")
+    assert run_cli(["estimate", "finetune", "--model", tmp_path / "m", "--task", "classify", "--data", data]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: estimate: could not count model") and err.count("\n") == 1, err
