@@ -90,3 +90,21 @@ def test_alpaca_file_from_shared_data_is_read(tmp_path, tiny_chat_model):
     assert len(examples) == 50
     first = tok.decode([t for t in examples[0]["labels"] if t != -100])
     assert first.startswith(rows[0]["output"][:20])
+
+
+def test_evaluate_and_predict_instruct(tmp_path, tiny_chat_model, dates_jsonl, capsys):
+    """The instruct task through the evaluate/predict verbs: exact match against the expected response."""
+    import json as _json
+
+    from lmtune.config import EvaluateConfig, PredictConfig
+    from lmtune.evaluate import evaluate
+    from lmtune.predict import predict
+
+    result = evaluate(EvaluateConfig(model=tiny_chat_model, task="instruct", data=dates_jsonl, limit=4,
+                                     max_new_tokens=4, json=True))
+    assert result["rows"] == 4 and result["exact_match"] == 0.0 and result["loss"] > 5  # an untrained model
+    out = tmp_path / "pred.jsonl"
+    predict(PredictConfig(model=tiny_chat_model, task="instruct", data=dates_jsonl, out=str(out), limit=3,
+                          max_new_tokens=4))
+    rows = [_json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(isinstance(r["response"], str) for r in rows)

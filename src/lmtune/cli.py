@@ -8,6 +8,7 @@ This is the only place that prints an `LmtuneError` and turns it into exit code 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import importlib
 import os
@@ -52,7 +53,8 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, type]:
     for name, f in C.fields_of(cls).items():
         typ, meta = hints[name], f.metadata
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        default = "" if meta.get("required") else f" (default: {f.default!r})"
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = "" if meta.get("required") else f" (default: {value!r})"
         choices = f" One of: {', '.join(meta['choices'])}." if meta.get("choices") else ""
         help_text = f"{meta['help']}{choices}{default}"
         if typ is bool:

@@ -147,7 +147,7 @@ class EvaluateConfig(TaskOptions):
     """`lmtune evaluate`: score a model (base, full fine-tune, or base + LoRA adapter) on a task's data."""
 
     model: str = opt("", "Model: alias, folder (full model or LoRA adapter), .gguf file or hub id.", required=True)
-    task: str = opt("", "Task type.", choices=TASKS[1:], required=True)
+    task: str = opt("", "Task type.", choices=TASKS, required=True)
     data: str = opt("", "Evaluation data file (for translate also SRC_FILE,TGT_FILE).", required=True)
     json: bool = opt(False, "Print one JSON object on stdout instead of a table.")
     batch_size: int = opt(16, "Rows per batch.", min=1)
@@ -163,7 +163,7 @@ class PredictConfig(TaskOptions):
     """`lmtune predict`: batched inference, one JSONL output row per input row."""
 
     model: str = opt("", "Model: alias, folder (full model or LoRA adapter), .gguf file or hub id.", required=True)
-    task: str = opt("", "Task type.", choices=TASKS[1:], required=True)
+    task: str = opt("", "Task type.", choices=TASKS, required=True)
     data: str = opt("", "Input data file (targets/labels not needed).", required=True)
     out: str = opt("", "Output JSONL file (written to a temporary file, then renamed).", required=True)
     batch_size: int = opt(16, "Rows per batch.", min=1)

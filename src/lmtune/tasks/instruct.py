@@ -138,7 +138,9 @@ def score(predictions: list[str], references: list[str]) -> dict:
 # The task interface (as in classify, translate, qa, lm).
 
 def read(path: str, cfg, targets: bool = True) -> list[dict]:
-    return read_records(path)
+    limit = getattr(cfg, "limit", 0)
+    rows = read_records(path)
+    return rows[:limit] if limit else rows
 
 
 def load(name: str, cfg, train_rows: list[dict] | None = None):

@@ -1,0 +1,317 @@
+"""Training throughput: lmtune against TRL's SFTTrainer and the Hugging Face Trainer, same machine, one run.
+
+    python bench/throughput.py            # workloads (a) and (b), 8 optimizer steps each contender
+    python bench/throughput.py --quick    # a short version (fewer steps and records), a few minutes
+    python bench/throughput.py --workload a --steps 12 --bf16
+
+(a) SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, the first 256 Alpaca records of
+    ../shared/data/alpaca as conversational prompt/completion (loss on the completion), batch 4 x
+    accumulation 2, max length 512. Contenders: lmtune (padded, then packed), TRL SFTTrainer (its
+    defaults; padding_free=True; packing=True) and the HF Trainer + peft.
+(b) pretraining a ~10M-parameter Llama-style model from scratch on tinyshakespeare (lmtune's BPE
+    tokenizer, 256-token blocks, batch 16): lmtune against the HF Trainer on the same config and blocks.
+
+Each contender runs in its own process, one after the other, so peak resident memory is its own.
+Reported: target (loss-bearing) tokens/s and all non-padding tokens/s over steps 2..N (step 1 warms
+up), peak RSS, the loss at the last step, and lmtune's ratios. MFU = 6 x parameters x tokens/s over the
+measured matrix-multiply rate of this machine at the precision used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_gflops(bf16: bool) -> float:
+    import torch
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    n, t = 20, time.perf_counter()
+    for _ in range(n):
+        a @ b
+    return 2 * 1024 ** 3 * n / (time.perf_counter() - t) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Workload (a): data shared by every contender
+
+def alpaca_records(n: int) -> list[dict]:
+    rows = json.loads((DATA / "alpaca" / "alpaca_5000.json").read_text())[:n]
+    out = []
+    for r in rows:
+        user = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+        out.append({"prompt": [{"role": "user", "content": user}],
+                    "completion": [{"role": "assistant", "content": r["output"]}]})
+    return out
+
+
+class Meter:
+    """Counts tokens per micro-batch as a collator sees them, and times optimizer steps."""
+
+    def __init__(self, accum: int):
+        self.accum, self.batches, self.step_times = accum, [], []
+
+    def count(self, batch):
+        labels = batch["labels"]
+        targets = int((labels[:, 1:] != -100).sum())
+        if "attention_mask" in batch:
+            tokens = int(batch["attention_mask"].sum())
+        elif "position_ids" in batch:  # padding-free/packed: one flat row, no padding
+            tokens = int(batch["input_ids"].numel())
+        else:
+            tokens = int(batch["input_ids"].numel())
+        self.batches.append((targets, tokens))
+        return batch
+
+    def summary(self, losses: list[float]) -> dict:
+        t = self.step_times
+        dt = t[-1] - t[0]  # steps 2..N
+        skip = self.accum  # the first step's micro-batches
+        n_steps = len(t) - 1
+        used = self.batches[skip:skip + n_steps * self.accum]
+        return {"target_tokens_per_s": sum(b[0] for b in used) / dt, "tokens_per_s": sum(b[1] for b in used) / dt,
+                "peak_rss_mb": peak_rss_mb(), "loss": losses[-1] if losses else float("nan"), "steps": len(t)}
+
+
+def run_lmtune_a(args, packed: bool, checkpointing: bool = False) -> dict:
+    from lmtune.config import FinetuneConfig
+    from lmtune.finetune import finetune
+
+    tmp = Path(tempfile.mkdtemp())
+    data = tmp / "alpaca.jsonl"
+    data.write_text("".join(json.dumps({"messages": r["prompt"] + r["completion"]}) + "\n"
+                            for r in alpaca_records(args.records)))
+    cfg = FinetuneConfig(model="smollm2-135m", data=str(data), out=str(tmp / "run"), lora=True, lora_r=16,
+                         lora_alpha=32, lora_dropout=0.0, batch_size=4, grad_accum=2, max_length=512,
+                         max_steps=args.steps, learning_rate=2e-4, schedule="constant", warmup_steps=0,
+                         pack=packed, bf16=args.bf16, save_every=10_000, grad_clip=1.0,
+                         activation_checkpointing=checkpointing)
+    finetune(cfg)
+    rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    dt = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
+    return {"target_tokens_per_s": sum(r["target_tokens"] for r in rows[1:]) / dt,
+            "tokens_per_s": sum(r["tokens"] for r in rows[1:]) / dt,
+            "peak_rss_mb": peak_rss_mb(), "loss": rows[-1]["loss"], "steps": len(rows),
+            "settings": f"bf16={args.bf16} activation_checkpointing={checkpointing} pack={packed}"}
+
+
+def _timing_callback(meter, losses):
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            meter.step_times.append(time.perf_counter())
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+    return Timing()
+
+
+def run_trl_a(args, variant: str) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from lmtune import models
+
+    path = models.resolve("smollm2-135m")
+    model, tok = models.load_causal_lm("smollm2-135m")
+    meter, losses = Meter(2), []
+    # TRL refuses padding_free without packing unless max_length is off (Alpaca records fit in 512 anyway)
+    extra = {"padding_free": True, "max_length": None} if variant == "padding_free" else \
+        {"packing": True, "max_length": 512} if variant == "packing" else {"max_length": 512}
+    cfg = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="constant",
+                    logging_steps=1, save_strategy="no", report_to=[], bf16=args.bf16, use_cpu=True,
+                    dataloader_num_workers=0, seed=0, **extra)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(alpaca_records(args.records)),
+                         processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
+    collate = trainer.data_collator
+    trainer.data_collator = lambda feats: meter.count(collate(feats))
+    trainer.add_callback(_timing_callback(meter, losses))
+    trainer.train()
+    out = meter.summary(losses)
+    out["settings"] = f"bf16={cfg.bf16} gradient_checkpointing={cfg.gradient_checkpointing} {extra or 'defaults'} ({path})"
+    return out
+
+
+def run_hf_a(args) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from lmtune import models
+    from lmtune.data.batching import collate
+    from lmtune.tasks import instruct
+
+    model, tok = models.load_causal_lm("smollm2-135m")
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    rows = [{"messages": r["prompt"] + r["completion"]} for r in alpaca_records(args.records)]
+    examples = instruct.encode_all(rows, tok, 512, "alpaca")  # the same ids and labels as lmtune's
+    meter, losses = Meter(2), []
+
+    def coll(feats):
+        b = collate(feats, tok.pad_token_id)
+        b.pop("n_tokens")
+        return meter.count(b)
+
+    targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4,
+                              gradient_accumulation_steps=2, max_steps=args.steps, learning_rate=2e-4,
+                              lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                              bf16=args.bf16, use_cpu=True, remove_unused_columns=False, seed=0)
+    trainer = Trainer(model=model, args=targs, train_dataset=Dataset.from_list(examples), data_collator=coll)
+    trainer.add_callback(_timing_callback(meter, losses))
+    trainer.train()
+    out = meter.summary(losses)
+    out["settings"] = f"bf16={targs.bf16} dynamic padding, same tokens/labels as lmtune"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Workload (b): pretraining a ~10M model
+
+def _shakespeare_blocks(block: int):
+    from lmtune.pretrain import train_tokenizer
+    from lmtune.tasks.lm import encode_text
+
+    text = (DATA / "tinyshakespeare" / "input.txt").read_text()
+    tok = train_tokenizer(text, "bpe", 4096)
+    return tok, encode_text(text, tok, block)
+
+
+def run_lmtune_b(args) -> dict:
+    from lmtune.config import PretrainConfig
+    from lmtune.pretrain import pretrain
+
+    out = Path(tempfile.mkdtemp()) / "run"
+    pretrain(PretrainConfig(data=str(DATA / "tinyshakespeare" / "input.txt"), out=str(out), model_size="10m",
+                            max_length=256, batch_size=16, max_steps=args.steps, val_split=0.0, bf16=args.bf16,
+                            save_every=10_000, warmup_steps=0, schedule="constant"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    dt = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
+    tps = sum(r["target_tokens"] for r in rows[1:]) / dt
+    return {"target_tokens_per_s": tps, "tokens_per_s": tps, "peak_rss_mb": peak_rss_mb(), "loss": rows[-1]["loss"],
+            "steps": len(rows), "params": json.loads((out / "run.json").read_text())["parameters"]}
+
+
+def run_hf_b(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from lmtune import models
+    from lmtune.data.batching import collate
+
+    tok, blocks = _shakespeare_blocks(256)
+    torch.manual_seed(0)
+    model = models.build_from_preset("10m", tok, 256)
+    meter, losses = Meter(1), []
+
+    def coll(feats):
+        b = collate(feats, tok.pad_token_id)
+        b.pop("n_tokens")
+        return meter.count(b)
+
+    targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=16, max_steps=args.steps,
+                              learning_rate=1e-3, weight_decay=0.1, lr_scheduler_type="constant", logging_steps=1,
+                              save_strategy="no", report_to=[], bf16=args.bf16, use_cpu=True,
+                              remove_unused_columns=False, seed=0)
+    trainer = Trainer(model=model, args=targs, train_dataset=Dataset.from_list(blocks), data_collator=coll)
+    trainer.add_callback(_timing_callback(meter, losses))
+    trainer.train()
+    out = meter.summary(losses)
+    out["params"] = sum(p.numel() for p in model.parameters())
+    return out
+
+
+CONTENDERS = {
+    "a": [("lmtune", lambda a: run_lmtune_a(a, packed=False)), ("lmtune packed", lambda a: run_lmtune_a(a, packed=True)),
+          ("lmtune packed+ckpt", lambda a: run_lmtune_a(a, packed=True, checkpointing=True)),
+          ("TRL defaults", lambda a: run_trl_a(a, "defaults")), ("TRL padding_free", lambda a: run_trl_a(a, "padding_free")),
+          ("TRL packing", lambda a: run_trl_a(a, "packing")), ("HF Trainer+peft", run_hf_a)],
+    "b": [("lmtune", run_lmtune_b), ("HF Trainer", run_hf_b)],
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=["a", "b", "all"], default="all")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per contender (step 1 is not timed)")
+    p.add_argument("--records", type=int, default=256)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--quick", action="store_true", help="3 steps, 64 records, fewer contenders")
+    p.add_argument("--only", default="", help="comma-separated contender names (default: all)")
+    p.add_argument("--run", help=argparse.SUPPRESS)  # internal: workload:contender in a child process
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.records = 3, 64
+    if args.run:
+        w, name = args.run.split(":", 1)
+        result = dict(CONTENDERS[w])[name](args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    flops = matmul_gflops(args.bf16)
+    print(f"matrix multiply: {flops:.0f} GFLOP/s ({'bf16' if args.bf16 else 'fp32'}), {os.cpu_count()} CPUs; "
+          f"{args.steps} optimizer steps per contender, step 1 untimed", flush=True)
+    for w in (["a", "b"] if args.workload == "all" else [args.workload]):
+        names = [n for n, _ in CONTENDERS[w]]
+        if args.quick:
+            names = ["lmtune packed+ckpt", "TRL padding_free"] if w == "a" else names
+        if args.only:
+            names = [n for n in names if n in args.only.split(",")]
+        results = {}
+        for name in names:
+            cmd = [sys.executable, __file__, "--run", f"{w}:{name}", "--steps", str(args.steps),
+                   "--records", str(args.records)] + (["--bf16"] if args.bf16 else [])
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                print(f"  {name}: failed\n{r.stderr[-2000:]}", flush=True)
+                continue
+            results[name] = {**json.loads(line[0][7:]), "wall_s": time.perf_counter() - t0}
+            print(f"  ran {name} in {results[name]['wall_s']:.0f}s", flush=True)
+        _table(w, results, flops)
+
+
+def _table(w: str, results: dict, flops: float) -> None:
+    title = {"a": "(a) SmolLM2-135M LoRA r=16, Alpaca, batch 4x2, max length 512",
+             "b": "(b) pretraining ~10M Llama-style model, tinyshakespeare, batch 16 x 256"}[w]
+    print(f"\n{title}")
+    print(f"{'contender':<18} {'target tok/s':>12} {'all tok/s':>10} {'peak RSS MB':>12} {'last loss':>10}  settings")
+    for name, r in results.items():
+        mfu = f"  MFU {100 * 6 * r['params'] * r['tokens_per_s'] / (flops * 1e9):.0f}%" if "params" in r else ""
+        print(f"{name:<18} {r['target_tokens_per_s']:>12.1f} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} "
+              f"{r['loss']:>10.4f}  {r.get('settings', '')}{mfu}")
+    ours = [n for n in results if n.startswith("lmtune")]
+    for o in ours:
+        for n, r in results.items():
+            if not n.startswith("lmtune"):
+                print(f"{o} / {n}: {results[o]['target_tokens_per_s'] / r['target_tokens_per_s']:.2f}x target tokens/s, "
+                      f"{results[o]['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    main()
