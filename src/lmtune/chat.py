@@ -1,0 +1,113 @@
+"""`lmtune chat`: a terminal conversation with a model, its reply streamed token by token.
+
+The conversation is rendered with the model's chat template, or lmtune's plain instruct layout when the
+tokenizer has none (what `finetune --task instruct` trained on). It works the same when standard input
+is a pipe: no prompt is printed, each input line is one user turn, and end of input ends the chat.
+Commands: /reset forgets the conversation, /system TEXT sets the system message, /exit quits.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from lmtune.config import ChatConfig
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit"
+
+
+def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], list[int]]:
+    """The prompt's token ids, dropping the oldest turns (never the system message or the newest
+    turn) until it fits in `budget` tokens, so a long chat keeps going instead of failing."""
+    from lmtune.tasks import instruct
+
+    messages = list(messages)
+    while True:
+        text = instruct.render(tokenizer, messages, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(ids) <= budget or len(messages) - first <= 1:
+            return messages, ids[-budget:]
+        del messages[first]
+
+
+def reply(model, tokenizer, ids: list[int], cfg: ChatConfig, out) -> str:
+    """Generate the assistant's turn, writing each piece of text to `out` as soon as it is decoded."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                  max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+                  pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+    if cfg.temperature > 0:
+        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+    errors = []
+
+    def run():
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except Exception as e:  # re-raised below, in the main thread
+            errors.append(e)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    worker.join()
+    if errors:
+        raise errors[0]
+    out.write("\n")
+    out.flush()
+    return "".join(pieces).strip()
+
+
+def chat(cfg: ChatConfig) -> list[dict]:
+    import torch
+
+    from lmtune import models
+
+    model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None)
+    model.eval()
+    torch.manual_seed(cfg.seed)
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    budget = max(context - cfg.max_new_tokens, 16)
+    interactive = sys.stdin.isatty()
+    system = cfg.system
+    history: list[dict] = []
+    if interactive:
+        print(f"chatting with {cfg.model}; {HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip()
+            print(f"(system message {'set' if system else 'cleared'})", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"(unknown command {text.split()[0]}; {HELP})", file=sys.stderr)
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history + \
+            [{"role": "user", "content": text}]
+        messages, ids = fit_history(tokenizer, messages, budget)
+        if interactive:
+            sys.stdout.write("bot> ")
+        answer = reply(model, tokenizer, ids, cfg, sys.stdout)
+        history = [m for m in messages if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
+    return history
