@@ -9,7 +9,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench-quick clean
+.PHONY: setup demo test bench-setup clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+bench-setup: setup
+	$(BIN)/pip install -q -r requirements-bench.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
