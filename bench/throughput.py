@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from lmtune.train.loop import peak_memory_mb  # VmHWM of this process
+
+    return peak_memory_mb()
 
 
 def matmul_gflops(bf16: bool) -> float:

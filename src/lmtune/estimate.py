@@ -228,7 +228,8 @@ def _baseline_mb() -> float:
     code = ("import resource, torch, transformers, peft, lmtune.finetune, lmtune.train.loop\n"
             "try:\n import torch.utils.tensorboard\nexcept ImportError:\n pass\n"
             "now = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS'))\n"
-            "print(now / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+            "print(now / 1024, peak / 1024)")  # VmHWM: ru_maxrss would include a forking parent's peak
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         return [400.0, 400.0]

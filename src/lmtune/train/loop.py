@@ -79,9 +79,15 @@ def peak_memory_mb() -> float:
     """Peak memory of this process so far: GPU memory allocated on a GPU, resident memory on the CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
+    # VmHWM, not ru_maxrss: a process started by fork+exec inherits its parent's ru_maxrss (a test
+    # runner or a sweep that has loaded models), while VmHWM belongs to this process's memory alone
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _rows(examples: list[dict], idx: list[int]) -> list[dict]:
