@@ -14,10 +14,14 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmtune.errors import LmtuneError
+
+# peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every wrap: noise for users
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass(frozen=True)
