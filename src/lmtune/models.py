@@ -131,30 +131,10 @@ def load_tokenizer(path: str):
 
 
 def load_causal_lm(name: str, *, dtype=None, trainable_adapter: bool = False):
-    """Load (model, tokenizer) for a causal LM name; an adapter folder brings its base model along."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    path = resolve(name)
-    adapter_cfg = Path(path) / "adapter_config.json"
-    try:
-        if adapter_cfg.is_file():
-            from peft import PeftModel
-
-            meta = read_lmtune_file(path)
-            base_name = meta.get("base_model") or json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-            base = AutoModelForCausalLM.from_pretrained(resolve(base_name), dtype=dtype or torch.float32)
-            model = PeftModel.from_pretrained(base, path, is_trainable=trainable_adapter)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    except (OSError, ValueError) as e:
-        raise LmtuneError(f"could not load model '{name}' from {path}: {str(e).splitlines()[0]}") from None
-    tok_path = path if (Path(path) / "tokenizer_config.json").is_file() or not adapter_cfg.is_file() \
-        else resolve(base_name)
-    return model, load_tokenizer(tok_path)
+    """(model, tokenizer) of a causal LM, for generate, chat, serve, merge and export: `load_for_task`
+    with the causal head (an adapter folder brings its base model along)."""
+    model, tokenizer, _ = load_for_task(name, "", "causal", dtype=dtype, trainable_adapter=trainable_adapter)
+    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,15 +168,8 @@ def build_from_preset(size: str, tokenizer, max_length: int, config_file: str = 
 
 
 def attach_lora(model, r: int, alpha: float, dropout: float, targets: str):
-    """Wrap `model` with a fresh LoRA adapter; only the adapter's weights need gradients."""
-    from peft import LoraConfig, get_peft_model
-
-    target = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, cfg)
-    except ValueError as e:
-        raise LmtuneError(f"lora_targets '{targets}': {str(e).splitlines()[0]}") from None
+    """Wrap a causal LM with a fresh LoRA adapter; only the adapter's weights need gradients."""
+    return attach_task_lora(model, "causal", r, alpha, dropout, targets)
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -280,13 +253,15 @@ def check_task_fit(name: str, task: str, head: str) -> str:
     meta = read_lmtune_file(path)
     trained_head = meta.get("head") or ("causal" if meta.get("task") else None)
     if trained_head and trained_head != head:
+        use = f"--task {task}" if task else "text generation (a causal LM)"
+        fix = f"one fine-tuned with --task {task}" if task else "a causal LM (instruct or lm fine-tune)"
         raise LmtuneError(f"model {name} was fine-tuned for task '{meta.get('task')}', which does not fit "
-                          f"--task {task}: use a base model or one fine-tuned with --task {task}")
+                          f"{use}: use a base model or {fix}")
     return path
 
 
 def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None = None,
-                  trainable_adapter: bool = False):
+                  trainable_adapter: bool = False, dtype=None):
     """(model, tokenizer, path) with the head `task` needs; an adapter folder brings its base model.
     A folder that lmtune trained with another head (e.g. an instruct model for classify) is refused."""
     import torch
@@ -306,13 +281,14 @@ def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None =
     is_adapter = (Path(path) / "adapter_config.json").is_file()
     base_path = _adapter_base(path) if is_adapter else path
     try:
-        model = cls.from_pretrained(base_path, dtype=torch.float32, **extra)
+        model = cls.from_pretrained(base_path, dtype=dtype or torch.float32, **extra)
         if is_adapter:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
     except (OSError, ValueError) as e:
-        raise LmtuneError(f"could not load model '{name}' for --task {task}: {str(e).splitlines()[0]}") from None
+        for_task = f" for --task {task}" if task else ""
+        raise LmtuneError(f"could not load model '{name}'{for_task}: {str(e).splitlines()[0]}") from None
     tok = load_tokenizer(path if (Path(path) / "tokenizer_config.json").is_file() else base_path)
     if head == "seq_cls":  # decoders classify from the last non-pad token, found by the pad id
         model.config.pad_token_id = tok.pad_token_id
