@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from functools import partial
 from pathlib import Path
 
 from lmtune.config import FinetuneConfig, to_dict
