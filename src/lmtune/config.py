@@ -56,6 +56,7 @@ class TrainConfig:
                            choices=("none", "ddp", "fsdp"))
     pack: bool = opt(False, "Pack several examples into each --max-length block (no compute on padding).")
     activation_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    group_by_length: bool = opt(True, "Without --pack: batch rows of similar length together (less padding).")
     max_nonfinite_steps: int = opt(5, "Stop after this many updates in a row with a NaN/inf loss (each is skipped).",
                                    min=1)
     val_split: float = opt(0.0, "Fraction of the training data held back for validation.", min=0.0, max=0.5)

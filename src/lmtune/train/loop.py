@@ -33,26 +33,50 @@ class Interrupted(LmtuneError):
     exit_code = 130
 
 
-def micro_batch(n_examples: int, batch_size: int, seed: int, index: int) -> list[int]:
+def micro_batch(n_examples: int, batch_size: int, seed: int, index: int,
+                lengths: tuple[int, ...] | None = None) -> list[int]:
     """Example indices of global micro-batch `index`. A pure function of its arguments, so a resumed
-    run picks up the data exactly where the checkpoint left it."""
+    run picks up the data exactly where the checkpoint left it. With `lengths` (the examples' token
+    counts) batches are grouped by length: rows of similar length share a batch, so little is padded."""
     per_epoch = math.ceil(n_examples / batch_size)
     epoch, i = divmod(index, per_epoch)
-    return list(_epoch_order(n_examples, seed, epoch)[i * batch_size:(i + 1) * batch_size])
+    return list(_epoch_order(n_examples, seed, epoch, batch_size, lengths)[i * batch_size:(i + 1) * batch_size])
+
+
+GROUP = 50  # batches per length group: sorted inside a group, then the batches shuffled
 
 
 @functools.lru_cache(maxsize=2)
-def _epoch_order(n_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+def _epoch_order(n_examples: int, seed: int, epoch: int, batch_size: int = 1,
+                 lengths: tuple[int, ...] | None = None) -> tuple[int, ...]:
     order = list(range(n_examples))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return tuple(order)
+    rng = random.Random(seed * 1_000_003 + epoch)
+    rng.shuffle(order)
+    if lengths is None:
+        return tuple(order)
+    # as the HF Trainer's group_by_length: cut the shuffled order into groups of GROUP batches and sort
+    # each group longest first; then shuffle the batches, so lengths do not rise and fall in a pattern
+    size = GROUP * batch_size
+    order = [j for g in range(0, n_examples, size) for j in sorted(order[g:g + size], key=lambda j: -lengths[j])]
+    batches = [order[b:b + batch_size] for b in range(0, n_examples, batch_size)]
+    rng.shuffle(batches)
+    return tuple(j for b in batches for j in b)
 
 
-def rank_batch(n_examples: int, cfg, index: int, w: distributed.World) -> list[int]:
+def rank_batch(n_examples: int, cfg, index: int, w: distributed.World,
+               lengths: tuple[int, ...] | None = None) -> list[int]:
     """This rank's part of global micro-batch `index`. The global micro-batch (batch_size x ranks rows)
     does not depend on the number of ranks that share it: 2 ranks x batch B see what 1 x 2B sees."""
-    rows = micro_batch(n_examples, cfg.batch_size * w.size, cfg.seed, index)
+    rows = micro_batch(n_examples, cfg.batch_size * w.size, cfg.seed, index, lengths)
     return rows[w.rank * cfg.batch_size:(w.rank + 1) * cfg.batch_size]
+
+
+def example_lengths(examples: list[dict], cfg) -> tuple[int, ...] | None:
+    """Token counts to group batches by; None when grouping is off or pointless (packed or equal rows)."""
+    if not getattr(cfg, "group_by_length", False) or not examples or "position_ids" in examples[0]:
+        return None
+    lengths = tuple(len(e["input_ids"]) for e in examples)
+    return None if min(lengths) == max(lengths) else lengths
 
 
 def total_steps(cfg, n_examples: int) -> int:
@@ -164,6 +188,7 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
     last: dict = {}
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 10, disable=not w.is_main)
+    lengths = example_lengths(examples, cfg)
     t_start, tokens_seen, bad_in_a_row = time.perf_counter(), 0, 0
     best, evals_since_best = None, 0  # not restored on --resume: the first validation sets it again
     with _StopFlag() as stop:
@@ -172,7 +197,7 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
             # 1. this step's micro-batches; the loss is normalised by the target tokens of all of them,
             #    so every token weighs the same whatever micro-batch it fell into
             #    (with several ranks: each its share, and the counts summed over all of them)
-            batches = [collate(_rows(examples, rank_batch(len(examples), cfg, step * cfg.grad_accum + k, w)))
+            batches = [collate(_rows(examples, rank_batch(len(examples), cfg, step * cfg.grad_accum + k, w, lengths)))
                        for k in range(cfg.grad_accum)]
             batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
             n_targets = sum(b["n_targets"] if "n_targets" in b else count_targets(b) for b in batches)
