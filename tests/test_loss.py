@@ -24,8 +24,13 @@ def _examples(n=6, vocab=300, seed=1):
     return out
 
 
-def test_chunked_loss_equals_plain_cross_entropy(monkeypatch):
+import pytest
+
+
+@pytest.mark.parametrize("small_logits", [0, 10**9], ids=["chunked", "one-piece"])
+def test_chunked_loss_equals_plain_cross_entropy(monkeypatch, small_logits):
     monkeypatch.setattr(L, "CHUNK", 7)  # several chunks on this small batch
+    monkeypatch.setattr(L, "SMALL_LOGITS", small_logits)  # 0: always chunked; 10**9: always one piece
     model, batch = _model(), collate(_examples(), pad_id=0)
     s, n = L.causal_lm_loss(model, batch)
     (s / n).backward()

@@ -169,7 +169,7 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
     steps = total_steps(cfg, len(examples))
     # DDP needs the forward to run through its wrapper: the wrapper's forward is the task's loss
     model = distributed.place(model)
-    engine = distributed.wrap(model, w, loss_fn)
+    engine = distributed.wrap(model, w, torch.compile(loss_fn) if cfg.compile else loss_fn)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     device = next(model.parameters()).device
     scheduler = build_scheduler(optimizer, cfg, steps)

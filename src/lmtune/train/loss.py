@@ -4,6 +4,10 @@ The full logits tensor (batch x length x vocabulary: 49,152 entries per position
 largest activation of a small model. We run the decoder, keep the hidden states of the positions that
 have a target, and apply the output layer and cross-entropy a chunk at a time; each chunk is recomputed
 in backward (activation checkpointing), so at most one chunk of logits is alive at once.
+
+When the whole logits tensor is small (a small vocabulary, as in pretraining with our 4,096-token BPE)
+the chunks only cost time: the output layer and cross-entropy then run once over every position, with
+no gather of target positions, which also lets torch.compile (--compile) see one static graph.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from lmtune.data.batching import IGNORE
 
 CHUNK = 1024  # target positions per chunk of logits
+SMALL_LOGITS = 2**25  # logits entries (128 MB in fp32) below which the loss is computed in one piece
 
 
 def _parts(model):
@@ -31,9 +36,18 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of target tokens) for one batch."""
     decoder, head = _parts(model)
     extra = {k: batch[k] for k in ("position_ids",) if k in batch}
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                     use_cache=False, **extra).last_hidden_state
+    mask = batch.get("attention_mask")
+    if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        # right padding: a causal token only sees earlier positions, which are all real, so the mask
+        # changes nothing a loss reads (padding rows' outputs carry no target). Without it attention
+        # takes SDPA's causal kernel, ~10% faster on the CPU for SmolLM2, with bit-identical outputs.
+        mask = None
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **extra).last_hidden_state
     targets = batch["labels"][:, 1:]
+    if targets.numel() * head.weight.shape[0] <= SMALL_LOGITS:  # one piece: no gather, no recompute
+        logits = head(hidden[:, :-1]).float()
+        total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        return total, int((targets != IGNORE).sum())
     keep = targets != IGNORE
     hidden, targets = hidden[:, :-1][keep], targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)

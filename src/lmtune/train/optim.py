@@ -12,11 +12,14 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     lr, wd = cfg.learning_rate, cfg.weight_decay
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+    # Adam(W) in one fused kernel per parameter group (as the HF Trainer's default, adamw_torch_fused):
+    # on a 10M model the unfused update costs ~15% of the step; FSDP's sharded tensors use the default
+    fused = all(p.is_floating_point() and not hasattr(p, "device_mesh") for p in params)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=fused)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=fused)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
