@@ -56,6 +56,8 @@ class TrainConfig:
                            choices=("none", "ddp", "fsdp"))
     pack: bool = opt(False, "Pack several examples into each --max-length block (no compute on padding).")
     activation_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    compile: bool = opt(False, "torch.compile the model and loss (pays on long runs of same-shape batches; "
+                                "the first step compiles, about a minute on a CPU).")
     group_by_length: bool = opt(True, "Without --pack: batch rows of similar length together (less padding).")
     max_nonfinite_steps: int = opt(5, "Stop after this many updates in a row with a NaN/inf loss (each is skipped).",
                                    min=1)
@@ -140,7 +142,9 @@ class GenerateConfig:
     template: str = opt("auto", "Prompt format: 'auto' (chat template if the tokenizer has one), 'chat' or 'raw'.",
                         choices=("auto", "chat", "raw"))
     seed: int = opt(0, "Seed for sampling.")
-    bf16: bool = opt(False, "Generate in bf16.")
+    bf16: bool = opt(False, "Generate in bf16 (half the bytes a token; greedy output may differ slightly from fp32).")
+    compile: bool = opt(False, "torch.compile the one-token decode step (a compile of ~1-2 min on a CPU; "
+                        "pays only for long generations).")
 
 
 @dataclass

@@ -23,20 +23,20 @@ def generate(cfg: GenerateConfig) -> str:
     import torch
 
     from lmtune import models
+    from lmtune.decode import Decoder
 
     model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None)
     meta = models.read_lmtune_file(models.resolve(cfg.model))
     text = format_prompt(tokenizer, meta, cfg.prompt, cfg.template)
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
-    torch.manual_seed(cfg.seed)
-    sampling = cfg.temperature > 0
-    kwargs = dict(do_sample=sampling, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    if sampling:
-        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(**enc, **kwargs)
-    completion = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+    # the model's own stop tokens, as HF's generate uses them (generation_config, else the tokenizer's EOS)
+    eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+    eos = [tokenizer.eos_token_id] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    decoder = Decoder(model, compile=cfg.compile)  # a LoRA adapter is merged into the weights for inference
+    out = decoder.generate([ids], cfg.max_new_tokens, eos_ids=[e for e in eos if e is not None],
+                           pad_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, seed=cfg.seed)
+    completion = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
     print(completion)
     sys.stdout.flush()
     return completion

@@ -1,0 +1,132 @@
+"""Generation speed: `lmtune generate`'s decoder against Hugging Face `generate`, same model, prompts and lengths.
+
+    python bench/generate.py --quick          # ~2 minutes: 3 prompts at batch 1, one batch of 8, 32 new tokens
+    python bench/generate.py                  # 8 prompts at batch 1, 2 batches of 8, 64 new tokens
+    python bench/generate.py --compile        # also lmtune with the one-token step torch.compiled
+
+SmolLM2-135M-Instruct; the first Alpaca instructions of ../shared/data/alpaca/alpaca_5000.json rendered
+through the chat template; greedy, stop at EOS or max_new_tokens. Contenders run alternately (prompt by
+prompt at batch 1, batch by batch at batch 8), in one process, one at a time. tokens/s = generated tokens
+(up to and including EOS, per row) over wall time of the calls, prefill included; warm-up (and compile)
+runs are timed separately and not counted. "ratio" is against HF at the same precision. Agreement is
+against HF fp32: rows whose token ids are all identical, and the share of identical token positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def prompts(tokenizer, n: int) -> list[list[int]]:
+    from lmtune.tasks import instruct
+
+    rows = json.loads((DATA / "alpaca" / "alpaca_5000.json").read_text())[:n]
+    texts = [instruct.prompt_text(tokenizer, r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""))
+             for r in rows]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def trim(row: list[int], eos: int, pad: int) -> list[int]:
+    """The generated ids up to and including the first EOS (HF pads finished rows after it)."""
+    return row[:row.index(eos) + 1] if eos in row else row
+
+
+class HF:
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+
+    def __call__(self, batch, n):
+        import torch
+
+        width = max(map(len, batch))
+        ids = torch.tensor([[self.tok.pad_token_id] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                      pad_token_id=self.tok.pad_token_id)
+        return out[:, width:].tolist()
+
+
+class Ours:
+    def __init__(self, model, tok, compile=False):
+        from lmtune.decode import Decoder
+
+        self.dec, self.tok = Decoder(model, compile=compile), tok
+
+    def __call__(self, batch, n):
+        return self.dec.generate(batch, n, eos_ids=[self.tok.eos_token_id], pad_id=self.tok.pad_token_id).tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 prompts at batch 1, 1 batch of 8, 32 new tokens")
+    ap.add_argument("--max-new-tokens", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="also lmtune fp32 with a compiled step (slow compile)")
+    args = ap.parse_args()
+    n_new = args.max_new_tokens or (32 if args.quick else 64)
+    n_b1, n_b8_batches = (3, 1) if args.quick else (8, 2)
+
+    import torch
+    import transformers
+
+    from lmtune import models
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    fp32, tok = models.load_causal_lm("smollm2-135m")
+    bf16, _ = models.load_causal_lm("smollm2-135m", dtype=torch.bfloat16)
+    fp32.eval(), bf16.eval()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    ps = prompts(tok, max(n_b1, 8 * n_b8_batches))
+    contenders = {"HF fp32": HF(fp32, tok), "HF bf16": HF(bf16, tok),
+                  "lmtune fp32": Ours(fp32, tok), "lmtune bf16": Ours(bf16, tok)}
+    if args.compile:
+        contenders["lmtune fp32 compile"] = Ours(fp32, tok, compile=True)
+    precision = {name: ("bf16" if "bf16" in name else "fp32") for name in contenders}
+    print(f"SmolLM2-135M-Instruct, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; {n_new} new tokens max; load {time.perf_counter() - t0:.1f}s")
+
+    workloads = {1: [[p] for p in ps[:n_b1]], 8: [ps[8 * i:8 * i + 8] for i in range(n_b8_batches)]}
+    results = {}  # (batch, name) -> dict(tokens, seconds, warm, outputs)
+    for bs, batches in workloads.items():
+        for name, run in contenders.items():  # warm-up (and compile) at this batch size, not counted
+            t = time.perf_counter()
+            run(batches[0], 4 if "compile" not in name else n_new)
+            results[bs, name] = dict(tokens=0, seconds=0.0, warm=time.perf_counter() - t, outputs=[])
+        for batch in batches:  # alternate: every contender on this batch before the next batch
+            for name, run in contenders.items():
+                t = time.perf_counter()
+                out = run(batch, n_new)
+                r = results[bs, name]
+                r["seconds"] += time.perf_counter() - t
+                out = [trim(row, eos, pad) for row in out]
+                r["tokens"] += sum(map(len, out))
+                r["outputs"] += out
+
+    print(f"\n{'batch':>5}  {'contender':<20} {'tokens':>6} {'tokens/s':>9} {'ratio':>6} {'warm-up s':>9}  "
+          f"{'rows = HF fp32':>14} {'same tokens':>11}")
+    for (bs, name), r in results.items():
+        ref = results[bs, "HF fp32"]
+        base = results[bs, f"HF {precision[name]}"]
+        speed = r["tokens"] / r["seconds"]
+        same_rows = sum(a == b for a, b in zip(r["outputs"], ref["outputs"]))
+        pairs = [(a, b) for a, b in zip(r["outputs"], ref["outputs"])]
+        same_tok = sum(x == y for a, b in pairs for x, y in zip(a, b))
+        total = sum(max(len(a), len(b)) for a, b in pairs)
+        print(f"{bs:>5}  {name:<20} {r['tokens']:>6} {speed:>9.1f} {speed / (base['tokens'] / base['seconds']):>5.2f}x"
+              f" {r['warm']:>9.1f}  {same_rows:>7}/{len(pairs):<6} {100 * same_tok / total:>10.1f}%")
+    print("\ntokens/s: generated tokens (to EOS) / wall time, prefill included, warm-up excluded; ratio: vs HF at the "
+          "same precision; rows = HF fp32: token ids identical to HF fp32 greedy; same tokens: identical positions.")
+
+
+if __name__ == "__main__":
+    main()
