@@ -104,3 +104,29 @@ def test_classify_refuses_a_model_trained_for_another_task(tmp_path, capsys):
     data.write_text('{"text": "x", "label": "a"}\n')
     assert run_cli(["evaluate", "--model", folder, "--task", "classify", "--data", data]) == 2
     assert "fine-tuned for task 'instruct'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["minilm-l6", "tiny"])
+def test_predict_in_length_sorted_batches_keeps_input_order(which, tiny):
+    """predict batches rows by length (less padding); every row gets the result it gets alone, in input order."""
+    import torch
+
+    from lmtune.config import FinetuneConfig
+    from lmtune.tasks import classify
+
+    model_name = "minilm-l6" if which == "minilm-l6" else str(tiny)
+    cfg = FinetuneConfig(task="classify", model=model_name, data="-", out="-", batch_size=3)
+    words = ["great", "dull", "a", "moving", "film", "plot", "the", "acting", "is", "not"]
+    rows = [{"text": " ".join(words[(n + k) % len(words)] for k in range(n)), "label": "neg" if n % 2 else "pos"}
+            for n in (7, 1, 12, 3, 9, 2, 5, 11)]
+    torch.manual_seed(0)
+    model, tok, meta = classify.load(model_name, cfg, train_rows=rows)
+    batched = classify.predict(model, tok, rows, cfg, meta)
+    alone = [classify.predict(model, tok, [r], cfg, meta)[0] for r in rows]
+    assert len(batched) == len(rows)
+    for b, a in zip(batched, alone):
+        assert b["probabilities"] == pytest.approx(a["probabilities"], abs=1e-5)
+        if abs(a["probabilities"]["neg"] - a["probabilities"]["pos"]) > 1e-4:
+            assert b["label"] == a["label"]
+    # the rows really differ, so a result in the wrong place would show
+    assert len({round(a["probabilities"]["pos"], 4) for a in alone}) > len(rows) // 2

@@ -100,15 +100,19 @@ def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
     import torch
 
     examples = encode([{cfg.text_column: r[cfg.text_column]} for r in rows], tokenizer, cfg, meta, "")
-    coll, out = collate(tokenizer, meta), []
+    # batches of rows of similar length (shortest first), so little is computed on padding; each row's
+    # result does not depend on its batch-mates (padding is masked), and results go back in input order
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    coll, out = collate(tokenizer, meta), [None] * len(examples)
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(examples), cfg.batch_size):
-            probs = model(**coll(examples[i:i + cfg.batch_size])).logits.float().softmax(-1)
-            for p in probs.tolist():
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            probs = model(**coll([examples[j] for j in idx])).logits.float().softmax(-1)
+            for j, p in zip(idx, probs.tolist()):
                 best = max(range(len(p)), key=p.__getitem__)
-                out.append({"label": meta["labels"][best],
-                            "probabilities": {lab: round(q, 6) for lab, q in zip(meta["labels"], p)}})
+                out[j] = {"label": meta["labels"][best],
+                          "probabilities": {lab: round(q, 6) for lab, q in zip(meta["labels"], p)}}
     return out
 
 
