@@ -1,20 +1,27 @@
 """Training throughput: lmtune against TRL's SFTTrainer and the Hugging Face Trainer, same machine, one run.
 
     python bench/throughput.py            # workloads (a) and (b), 8 optimizer steps each contender
-    python bench/throughput.py --quick    # a short version (fewer steps and records), a few minutes
+    python bench/throughput.py --quick    # lmtune and the strongest peer, 3 steps, a few minutes
     python bench/throughput.py --workload a --steps 12 --bf16
 
-(a) SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, the first 256 Alpaca records of
-    ../shared/data/alpaca as conversational prompt/completion (loss on the completion), batch 4 x
-    accumulation 2, max length 512. Contenders: lmtune (padded, then packed), TRL SFTTrainer (its
-    defaults; padding_free=True; packing=True) and the HF Trainer + peft.
+(a) SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, Alpaca records from ../shared/data/alpaca as
+    conversational prompt/completion (loss on the completion), batch 4 x accumulation 2, max length 512,
+    one epoch (steps x 8 records) so every contender trains on the same rows. Contenders: lmtune's
+    optimisation ladder (baseline: random padded batches and full logits; + length grouping; + chunked
+    loss; + activation checkpointing = "lmtune"; packing instead of grouping; + torch.compile), TRL
+    SFTTrainer (its defaults; padding_free=True; packing=True) and the HF Trainer + peft.
 (b) pretraining a ~10M-parameter Llama-style model from scratch on tinyshakespeare (lmtune's BPE
-    tokenizer, 256-token blocks, batch 16): lmtune against the HF Trainer on the same config and blocks.
+    tokenizer, 256-token blocks, batch 16): lmtune (eager and compiled) against the HF Trainer on the
+    same config and blocks.
 
 Each contender runs in its own process, one after the other, so peak resident memory is its own.
 Reported: target (loss-bearing) tokens/s and all non-padding tokens/s over steps 2..N (step 1 warms
-up), peak RSS, the loss at the last step, and lmtune's ratios. MFU = 6 x parameters x tokens/s over the
-measured matrix-multiply rate of this machine at the precision used.
+up and compiles), peak memory (resident set on a CPU, allocated GPU memory on a GPU), the loss at the last step, for (a) the loss per target token on 16 held-out
+records after training (the same records and loss function for every contender: "the same loss after
+the same steps"), and lmtune's ratios. MFU = 6 x parameters x tokens/s over the best matrix-multiply
+rate of this machine at the precision used, measured at the start of the run. --bf16 runs everyone in
+bf16 (autocast), otherwise everyone is fp32. A contender whose package is missing is reported as failed
+(`make bench-setup` installs TRL and its friends).
 """
 
 from __future__ import annotations
@@ -33,6 +40,12 @@ DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def peak_rss_mb() -> float:
     from lmtune.train.loop import peak_memory_mb  # VmHWM of this process
 
@@ -40,16 +53,27 @@ def peak_rss_mb() -> float:
 
 
 def matmul_gflops(bf16: bool) -> float:
+    """The machine's matrix-multiply rate at this precision: the best of a few shapes (the models' own
+    shapes among them), so MFU is measured against what the hardware can do, not one unlucky shape."""
     import torch
 
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    n, t = 20, time.perf_counter()
-    for _ in range(n):
-        a @ b
-    return 2 * 1024 ** 3 * n / (time.perf_counter() - t) / 1e9
+    dtype, dev = torch.bfloat16 if bf16 else torch.float32, "cpu" if on_cpu() else "cuda"
+    shapes = ((1024, 1024, 1024), (4096, 384, 1024), (4096, 1024, 384), (2048, 576, 1536))
+    if dev == "cuda":
+        shapes += ((8192, 8192, 8192),)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, dtype=dtype, device=dev), torch.randn(k, n, dtype=dtype, device=dev)
+        for _ in range(3):
+            a @ b
+        sync()
+        reps, t = 10, time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,10 +117,44 @@ class Meter:
                 "peak_rss_mb": peak_rss_mb(), "loss": losses[-1] if losses else float("nan"), "steps": len(t)}
 
 
-def run_lmtune_a(args, packed: bool, checkpointing: bool = False) -> dict:
+# lmtune's optimisation ladder on workload (a), each rung adding one thing to the one before (as
+# torchtune's); "lmtune" is the configuration we compare with the peers (the last fp32 rung).
+LADDER = {
+    "lmtune baseline": dict(group=False, chunked=False),          # random padded batches, full logits
+    "+ length grouping": dict(group=True, chunked=False),
+    "+ chunked loss": dict(group=True, chunked=True),
+    "lmtune": dict(group=True, chunked=True, ckpt=True),           # + activation checkpointing
+    "lmtune packed": dict(pack=True, chunked=True, ckpt=True),     # packing instead of grouping
+    "lmtune compile": dict(pack=True, chunked=True, ckpt=True, compile=True),
+}
+
+
+def held_out_loss(model, tok, args) -> float:
+    """Loss per target token on the records after the training ones, the same for every contender."""
+    import torch
+
+    from lmtune.data.batching import collate
+    from lmtune.tasks import instruct
+    from lmtune.train.loop import mean_loss
+    from lmtune.train.loss import causal_lm_loss
+
+    rows = [{"messages": r["prompt"] + r["completion"]} for r in alpaca_records(args.records + 16)[args.records:]]
+    examples = instruct.encode_all(rows, tok, 512, "alpaca")
+    model, dev = model.float(), next(model.parameters()).device
+
+    def coll(ex):
+        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in collate(ex, tok.pad_token_id).items()}
+    return mean_loss(model, examples, coll, causal_lm_loss, 4)
+
+
+def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, compile=False) -> dict:
+    from lmtune import models
     from lmtune.config import FinetuneConfig
     from lmtune.finetune import finetune
+    from lmtune.train import loss
 
+    if not chunked:  # the baseline: logits of every position at once, as the peers compute them
+        loss.SMALL_LOGITS = float("inf")
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "alpaca.jsonl"
     data.write_text("".join(json.dumps({"messages": r["prompt"] + r["completion"]}) + "\n"
@@ -104,15 +162,18 @@ def run_lmtune_a(args, packed: bool, checkpointing: bool = False) -> dict:
     cfg = FinetuneConfig(model="smollm2-135m", data=str(data), out=str(tmp / "run"), lora=True, lora_r=16,
                          lora_alpha=32, lora_dropout=0.0, batch_size=4, grad_accum=2, max_length=512,
                          max_steps=args.steps, learning_rate=2e-4, schedule="constant", warmup_steps=0,
-                         pack=packed, bf16=args.bf16, save_every=10_000, grad_clip=1.0,
-                         activation_checkpointing=checkpointing)
+                         pack=pack, bf16=args.bf16, save_every=10_000, grad_clip=1.0, group_by_length=group,
+                         activation_checkpointing=ckpt, compile=compile)
     finetune(cfg)
+    peak = peak_rss_mb()  # before the held-out evaluation loads a second copy
     rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     dt = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
+    model, tok = models.load_causal_lm(str(tmp / "run"))
     return {"target_tokens_per_s": sum(r["target_tokens"] for r in rows[1:]) / dt,
             "tokens_per_s": sum(r["tokens"] for r in rows[1:]) / dt,
-            "peak_rss_mb": peak_rss_mb(), "loss": rows[-1]["loss"], "steps": len(rows),
-            "settings": f"bf16={args.bf16} activation_checkpointing={checkpointing} pack={packed}"}
+            "peak_rss_mb": peak, "loss": rows[-1]["loss"], "held_out": held_out_loss(model, tok, args),
+            "steps": len(rows),
+            "settings": f"bf16={args.bf16} ckpt={ckpt} pack={pack} group={group} chunked={chunked} compile={compile}"}
 
 
 def _timing_callback(meter, losses):
@@ -142,7 +203,7 @@ def run_trl_a(args, variant: str) -> dict:
     extra = {"padding_free": True, "max_length": None} if variant == "padding_free" else \
         {"packing": True, "max_length": 512} if variant == "packing" else {"max_length": 512}
     cfg = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="constant",
-                    logging_steps=1, save_strategy="no", report_to=[], bf16=args.bf16, use_cpu=True,
+                    logging_steps=1, save_strategy="no", report_to=[], bf16=args.bf16, use_cpu=on_cpu(),
                     dataloader_num_workers=0, seed=0, **extra)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(alpaca_records(args.records)),
                          processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
@@ -152,6 +213,7 @@ def run_trl_a(args, variant: str) -> dict:
     trainer.add_callback(_timing_callback(meter, losses))
     trainer.train()
     out = meter.summary(losses)
+    out["held_out"] = held_out_loss(trainer.model, tok, args)
     out["settings"] = f"bf16={cfg.bf16} gradient_checkpointing={cfg.gradient_checkpointing} {extra or 'defaults'} ({path})"
     return out
 
@@ -180,11 +242,12 @@ def run_hf_a(args) -> dict:
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4,
                               gradient_accumulation_steps=2, max_steps=args.steps, learning_rate=2e-4,
                               lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-                              bf16=args.bf16, use_cpu=True, remove_unused_columns=False, seed=0)
+                              bf16=args.bf16, use_cpu=on_cpu(), remove_unused_columns=False, seed=0)
     trainer = Trainer(model=model, args=targs, train_dataset=Dataset.from_list(examples), data_collator=coll)
     trainer.add_callback(_timing_callback(meter, losses))
     trainer.train()
     out = meter.summary(losses)
+    out["held_out"] = held_out_loss(trainer.model, tok, args)
     out["settings"] = f"bf16={targs.bf16} dynamic padding, same tokens/labels as lmtune"
     return out
 
@@ -201,14 +264,15 @@ def _shakespeare_blocks(block: int):
     return tok, encode_text(text, tok, block)
 
 
-def run_lmtune_b(args) -> dict:
+def run_lmtune_b(args, compile: bool = False) -> dict:
     from lmtune.config import PretrainConfig
     from lmtune.pretrain import pretrain
 
     out = Path(tempfile.mkdtemp()) / "run"
     pretrain(PretrainConfig(data=str(DATA / "tinyshakespeare" / "input.txt"), out=str(out), model_size="10m",
                             max_length=256, batch_size=16, max_steps=args.steps, val_split=0.0, bf16=args.bf16,
-                            save_every=10_000, warmup_steps=0, schedule="constant"))
+                            save_every=10_000, warmup_steps=0, schedule="constant", learning_rate=1e-3,
+                            weight_decay=0.1, compile=compile))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     dt = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
     tps = sum(r["target_tokens"] for r in rows[1:]) / dt
@@ -236,7 +300,7 @@ def run_hf_b(args) -> dict:
 
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=16, max_steps=args.steps,
                               learning_rate=1e-3, weight_decay=0.1, lr_scheduler_type="constant", logging_steps=1,
-                              save_strategy="no", report_to=[], bf16=args.bf16, use_cpu=True,
+                              save_strategy="no", report_to=[], bf16=args.bf16, use_cpu=on_cpu(),
                               remove_unused_columns=False, seed=0)
     trainer = Trainer(model=model, args=targs, train_dataset=Dataset.from_list(blocks), data_collator=coll)
     trainer.add_callback(_timing_callback(meter, losses))
@@ -247,11 +311,11 @@ def run_hf_b(args) -> dict:
 
 
 CONTENDERS = {
-    "a": [("lmtune", lambda a: run_lmtune_a(a, packed=False)), ("lmtune packed", lambda a: run_lmtune_a(a, packed=True)),
-          ("lmtune packed+ckpt", lambda a: run_lmtune_a(a, packed=True, checkpointing=True)),
+    "a": [*((name, lambda a, kw=kw: run_lmtune_a(a, **kw)) for name, kw in LADDER.items()),
           ("TRL defaults", lambda a: run_trl_a(a, "defaults")), ("TRL padding_free", lambda a: run_trl_a(a, "padding_free")),
           ("TRL packing", lambda a: run_trl_a(a, "packing")), ("HF Trainer+peft", run_hf_a)],
-    "b": [("lmtune", run_lmtune_b), ("HF Trainer", run_hf_b)],
+    "b": [("lmtune", run_lmtune_b), ("lmtune compile", lambda a: run_lmtune_b(a, compile=True)),
+          ("HF Trainer", run_hf_b)],
 }
 
 
@@ -259,14 +323,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=["a", "b", "all"], default="all")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per contender (step 1 is not timed)")
-    p.add_argument("--records", type=int, default=256)
+    p.add_argument("--records", type=int, default=0, help="training records (default: steps x 8, one epoch, "
+                   "so every contender trains on the same rows)")
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--quick", action="store_true", help="3 steps, 64 records, fewer contenders")
+    p.add_argument("--quick", action="store_true", help="3 steps, 24 records, lmtune and the strongest peer")
     p.add_argument("--only", default="", help="comma-separated contender names (default: all)")
     p.add_argument("--run", help=argparse.SUPPRESS)  # internal: workload:contender in a child process
     args = p.parse_args()
     if args.quick:
-        args.steps, args.records = 3, 64
+        args.steps = 3
+    args.records = args.records or args.steps * 8
     if args.run:
         w, name = args.run.split(":", 1)
         result = dict(CONTENDERS[w])[name](args)
@@ -279,7 +345,7 @@ def main():
     for w in (["a", "b"] if args.workload == "all" else [args.workload]):
         names = [n for n, _ in CONTENDERS[w]]
         if args.quick:
-            names = ["lmtune packed+ckpt", "TRL padding_free"] if w == "a" else names
+            names = ["lmtune", "TRL padding_free"] if w == "a" else ["lmtune", "HF Trainer"]
         if args.only:
             names = [n for n in names if n in args.only.split(",")]
         results = {}
@@ -301,17 +367,18 @@ def _table(w: str, results: dict, flops: float) -> None:
     title = {"a": "(a) SmolLM2-135M LoRA r=16, Alpaca, batch 4x2, max length 512",
              "b": "(b) pretraining ~10M Llama-style model, tinyshakespeare, batch 16 x 256"}[w]
     print(f"\n{title}")
-    print(f"{'contender':<18} {'target tok/s':>12} {'all tok/s':>10} {'peak RSS MB':>12} {'last loss':>10}  settings")
+    print(f"{'contender':<20} {'target tok/s':>12} {'all tok/s':>10} {'peak mem MB':>12} {'last loss':>10} "
+          f"{'held-out':>9}  settings")
     for name, r in results.items():
         mfu = f"  MFU {100 * 6 * r['params'] * r['tokens_per_s'] / (flops * 1e9):.0f}%" if "params" in r else ""
-        print(f"{name:<18} {r['target_tokens_per_s']:>12.1f} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} "
-              f"{r['loss']:>10.4f}  {r.get('settings', '')}{mfu}")
-    ours = [n for n in results if n.startswith("lmtune")]
-    for o in ours:
-        for n, r in results.items():
-            if not n.startswith("lmtune"):
-                print(f"{o} / {n}: {results[o]['target_tokens_per_s'] / r['target_tokens_per_s']:.2f}x target tokens/s, "
-                      f"{results[o]['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak memory")
+        print(f"{name:<20} {r['target_tokens_per_s']:>12.1f} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} "
+              f"{r['loss']:>10.4f} {r.get('held_out', float('nan')):>9.4f}  {r.get('settings', '')}{mfu}")
+    peers = [n for n in results if not n.startswith(("lmtune", "+"))]
+    for o in ("lmtune", "lmtune packed", "lmtune compile"):
+        for n in peers if o in results else []:
+            r = results[n]
+            print(f"{o} / {n}: {results[o]['target_tokens_per_s'] / r['target_tokens_per_s']:.2f}x target tokens/s, "
+                  f"{results[o]['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak memory")
 
 
 if __name__ == "__main__":
