@@ -356,7 +356,9 @@ def main():
             r = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
-                print(f"  {name}: failed\n{r.stderr[-2000:]}", flush=True)
+                last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+                hint = " (make bench-setup installs the peers)" if "ModuleNotFoundError" in last else ""
+                print(f"  {name}: failed: {last}{hint}", flush=True)
                 continue
             results[name] = {**json.loads(line[0][7:]), "wall_s": time.perf_counter() - t0}
             print(f"  ran {name} in {results[name]['wall_s']:.0f}s", flush=True)
