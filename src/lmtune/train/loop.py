@@ -141,8 +141,12 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if self.signal is not None:
+            # a second Ctrl-C: stop now. A repeated SIGTERM is the same request (torchrun forwards the one
+            # its process group got to every worker, so a rank can see two): keep finishing the step
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signal = signal.Signals(signum).name
         print(f"\n{self.signal}: finishing this step, then saving a checkpoint...", file=sys.stderr)
 
