@@ -21,13 +21,28 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def make_data(folder: Path, length: int) -> Path:
+def make_data(folder: Path, model: str, length: int) -> Path:
+    """Dates records with a filler before each input, sized in the model's tokens so that every encoded
+    row (prompt, filler and response) fits `length` and comes close to it: no row loses its response."""
+    from lmtune import models
     from lmtune.data.synthetic import date_records
+    from lmtune.tasks import instruct
 
     rows = date_records(64, seed=0)
-    filler = " ".join(["please"] * (length // 2))  # long enough to reach `length` tokens after truncation
-    path = folder / f"data{length}.jsonl"
-    path.write_text("".join(json.dumps({**r, "input": f"{filler} {r['input']}"}) + "\n" for r in rows))
+    path = folder / f"data-{Path(model).name}-{length}.jsonl"
+    tok = models.load_tokenizer(models.resolve(model))
+
+    def longest(n: int) -> int:
+        filler = " ".join(["please"] * n)
+        return max(len(instruct.encode_row({**r, "input": f"{filler} {r['input']}".strip()}, tok, 10**6, "")[0]
+                       ["input_ids"]) for r in rows)
+
+    lo, hi = 0, length  # the most filler words that keep the longest row within `length`
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if longest(mid) <= length else (lo, mid - 1)
+    filler = " ".join(["please"] * lo)
+    path.write_text("".join(json.dumps({**r, "input": f"{filler} {r['input']}".strip()}) + "\n" for r in rows))
     return path
 
 
@@ -47,7 +62,7 @@ def main() -> None:
         for lora in ("--no-lora", "--lora"):
             for length in map(int, args.lengths.split(",")):
                 cmd = [sys.executable, "-m", "lmtune", "estimate", "finetune", "--model", model,
-                       "--data", str(make_data(tmp, length)), "--max-length", str(length), "--batch-size",
+                       "--data", str(make_data(tmp, model, length)), "--max-length", str(length), "--batch-size",
                        str(args.batch_size), "--threads", str(args.threads), lora, "--check", "--check-steps",
                        str(args.steps), "--json"]
                 proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -1,11 +1,13 @@
 """`lmtune estimate`: predicted peak memory and time of a finetune/pretrain run, before training anything.
 
 Memory is counted from the model's shapes (built on the meta device from its config, so a 1B model
-costs no memory): weights, gradients and optimizer states of the trainable parameters, and the
-activations a decoder layer saves for backward per token. Time is the step's matrix-multiply work
-(forward 2 flops per weight per token, backward twice that, less for frozen weights under LoRA) divided
-by this machine's measured matmul speed, plus the memory traffic of the rest. The machine is measured
-once (matmul speed, memory bandwidth, the process's baseline memory) and cached under ~/.cache/lmtune.
+costs no memory): weights, optimizer states, what each decoder layer saves for backward per token
+(counted op by op: norms, SDPA's q/k/v/output, the MLP, trained linears' inputs, LoRA's dropout copies),
+the loss's logits as lmtune.train.loss computes them, and the C allocator's fragmentation. Time is a
+count of the step's operations times rates measured on this machine: every matmul at its own shape and
+layout (forward, input gradient, weight gradient; the LM head over the rows the loss uses), attention
+at its shape, element-wise floats, dropout's random numbers, a fixed cost per op, and the optimizer per
+parameter. The rates are measured the first time a shape needs them and cached under ~/.cache/lmtune.
 `--check` runs a few real steps through the training loop and prints predicted against measured.
 """
 
@@ -32,15 +34,22 @@ class Shape:
 
     params: int            # all parameters (with a LoRA adapter when --lora)
     trainable: int
+    tensors: int           # trainable parameter tensors (the optimizer's per-tensor work)
     matmul_params: int     # weights applied once per token (2-D weights outside embeddings and the LM head)
     frozen_matmul: int     # of those, frozen (LoRA): no weight gradient to compute
     layers: int
     heads: int
+    head_dim: int
     hidden: int
     kv: int                # width of keys/values (smaller than hidden with grouped-query attention)
     intermediate: int
-    vocab: int
+    vocab: int             # outputs of the LM head (0: no LM head, e.g. a classifier)
     head_trainable: bool   # the output layer (often tied to the embedding) gets gradients
+    norm_trainable: bool   # the layers' norm weights get gradients (full fine-tuning)
+    # the linear layers of one decoder layer, LoRA's A and B included:
+    # (module it belongs to, 'base'|'A'|'B', in, out, weight trained)
+    linears: tuple = ()
+    lora_dropout: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +67,8 @@ def model_shape(run) -> Shape:
     if missing:
         raise LmtuneError(f"estimate: could not count the layers of model {getattr(run, 'model', run)} "
                           f"({cfg.model_type}): its config has no {', '.join(missing)}")
-    if getattr(run, "lora", False):
+    lora = getattr(run, "lora", False)
+    if lora:
         head = {"instruct": "causal", "lm": "causal", "classify": "seq_cls"}.get(getattr(run, "task", "lm"), "causal")
         model = models.attach_task_lora(model, head, run.lora_r, run.lora_alpha, run.lora_dropout,
                                         run.lora_targets) if head != "causal" else \
@@ -70,12 +80,41 @@ def model_shape(run) -> Shape:
     mats = [p for p in model.parameters() if p.dim() == 2 and id(p) not in skip]
     total, trainable = models.count_parameters(model)
     heads = cfg.num_attention_heads
-    kv = cfg.hidden_size * getattr(cfg, "num_key_value_heads", heads) // heads
-    return Shape(params=total, trainable=trainable, matmul_params=sum(p.numel() for p in mats),
-                 frozen_matmul=sum(p.numel() for p in mats if not p.requires_grad), layers=cfg.num_hidden_layers, heads=heads,
-                 hidden=cfg.hidden_size, kv=kv, intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
-                 vocab=cfg.vocab_size,
-                 head_trainable=out_emb is not None and any(p.requires_grad for p in out_emb.parameters()))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv = head_dim * (getattr(cfg, "num_key_value_heads", None) or heads)
+    layer = _first_layer(model, cfg.num_hidden_layers)
+    linears = tuple((*_linear_role(name), m.in_features, m.out_features, m.weight.requires_grad)
+                    for name, m in (layer.named_modules() if layer is not None else [])
+                    if isinstance(m, torch.nn.Linear))
+    norms = [p for n, p in (layer.named_parameters() if layer is not None else []) if "norm" in n]
+    return Shape(params=total, trainable=trainable, tensors=sum(p.requires_grad for p in model.parameters()),
+                 matmul_params=sum(p.numel() for p in mats),
+                 frozen_matmul=sum(p.numel() for p in mats if not p.requires_grad), layers=cfg.num_hidden_layers,
+                 heads=heads, head_dim=head_dim, hidden=cfg.hidden_size, kv=kv,
+                 intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+                 vocab=cfg.vocab_size if out_emb is not None else 0,
+                 head_trainable=out_emb is not None and any(p.requires_grad for p in out_emb.parameters()),
+                 norm_trainable=any(p.requires_grad for p in norms), linears=linears,
+                 lora_dropout=run.lora_dropout if lora else 0.0)
+
+
+def _linear_role(name: str) -> tuple[str, str]:
+    """('q_proj', 'base') for q_proj or q_proj.base_layer; ('q_proj', 'A') for q_proj.lora_A.default."""
+    parts = name.split(".")
+    for kind in ("A", "B"):
+        if f"lora_{kind}" in parts:
+            return parts[parts.index(f"lora_{kind}") - 1], kind
+    return (parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]), "base"
+
+
+def _first_layer(model, n: int):
+    """The first decoder layer: the first module list with one entry per layer."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == n:
+            return m[0]
+    return None
 
 
 def _meta_model(run):
@@ -128,14 +167,22 @@ def _pretrain_tokenizer(run):
 # The batches: how many tokens (padded) and targets each step computes.
 
 def batch_sizes(run) -> list[tuple[int, int, int]]:
-    """(rows, padded length, targets) of every micro-batch of the run, in the loop's order."""
-    from lmtune.train.loop import micro_batch, total_steps
+    """(rows, padded length, targets) of every micro-batch of the run, in the loop's order (grouped by
+    length as the loop groups them)."""
+    import inspect
+
+    from lmtune.train import loop
 
     lengths = _example_lengths(run)
-    steps = total_steps(run, len(lengths))
+    steps = loop.total_steps(run, len(lengths))
+    tokens = tuple(n for n, _ in lengths)
+    group = None
+    if getattr(run, "group_by_length", False) and not getattr(run, "pack", False) and min(tokens) != max(tokens) \
+            and "lengths" in inspect.signature(loop.micro_batch).parameters:
+        group = tokens
     out = []
     for i in range(steps * run.grad_accum):
-        idx = micro_batch(len(lengths), run.batch_size, run.seed, i)
+        idx = loop.micro_batch(len(lengths), run.batch_size, run.seed, i, *([group] if group else []))
         out.append((len(idx), max(lengths[j][0] for j in idx), sum(lengths[j][1] for j in idx)))
     return out
 
@@ -168,61 +215,234 @@ def _example_lengths(run) -> list[tuple[int, int]]:
     return [(run.max_length, run.max_length - 1)] * len(rows)  # lm and the rest: full blocks (an upper bound)
 
 
+def _loss_path(s: Shape, n: int, length: int, targets: int) -> tuple[int, bool]:
+    """(rows the LM head runs on, chunked?) as lmtune.train.loss computes the loss of a micro-batch: over
+    every position in one piece when the logits are small, else over the target positions in chunks
+    that are recomputed in backward."""
+    from lmtune.train import loss
+
+    positions = n * (length - 1)
+    if positions * s.vocab <= getattr(loss, "SMALL_LOGITS", -1):
+        return positions, False
+    return targets, True
+
+
 # ----------------------------------------------------------------------------------------------
-# The machine: matmul speed at the model's shapes, memory bandwidth, baseline memory (cached).
+# The machine: rates measured once per shape and cached (matmuls at the model's shapes, attention,
+# element-wise traffic, dropout's random numbers, the optimizer, one op's fixed cost, baseline memory).
 
-def machine(shape: Shape, tokens: int, bf16: bool) -> dict:
-    """{'gflops', 'gbps', 'base_mb'} for this machine and thread count, measured once and cached."""
-    import torch
+class Machine:
+    """Measured rates of this machine (threads, torch version), cached in ~/.cache/lmtune/machine.json.
+    A rate is measured the first time a prediction needs it (a few milliseconds to a second each)."""
 
-    from lmtune.models import cache_dir
-    from lmtune.track import hardware
+    def __init__(self):
+        import torch
 
-    path = cache_dir() / "machine.json"
-    cache = json.loads(path.read_text()) if path.is_file() else {}
-    host = f"{hardware()['cpu']}|{torch.get_num_threads()} threads|torch {torch.__version__}"
-    t = 2 ** round(math.log2(max(tokens, 64)))  # nearby shapes run at the same speed: fewer benchmarks
-    key = f"matmul {t}x{shape.hidden}x{shape.intermediate} {'bf16' if bf16 else 'fp32'}"
-    entry = cache.setdefault(host, {})
-    if key not in entry:
-        entry[key] = _matmul_gflops(t, shape.hidden, shape.intermediate, torch.bfloat16 if bf16 else torch.float32)
-    if "gbps" not in entry:
-        entry["gbps"] = _bandwidth_gbps()
-    if "base_mb" not in entry:
-        entry["base_mb"] = _baseline_mb()  # [resident, peak]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cache, indent=1))
-    return {"gflops": entry[key], "gbps": entry["gbps"], "base_mb": entry["base_mb"]}
+        from lmtune.models import cache_dir
+        from lmtune.track import hardware
+
+        self.path = cache_dir() / "machine.json"
+        self.all = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.host = f"{hardware()['cpu']}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+        self.entry = self.all.setdefault(self.host, {})
+        self.dirty = False
+
+    def _get(self, key: str, measure):
+        if key not in self.entry:
+            self.entry[key], self.dirty = measure(), True
+        return self.entry[key]
+
+    def save(self) -> None:
+        if self.dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.all, indent=1))
+            self.dirty = False
+
+    # seconds of one (m x k) @ (k x n) product as the step computes it: "nt" forward (x @ W^T), "nn" input
+    # gradient (dy @ W), "tn" weight gradient (dy^T @ x, k the tokens); m (or k for "tn") is the number
+    # of tokens, measured at the nearest power of two and scaled. `cold`: the step's working set is larger
+    # than the last-level cache, so the operands come from memory (measured so)
+    def gemm(self, m: int, k: int, n: int, layout: str, bf16: bool, cold: bool = True) -> float:
+        tokens = k if layout == "tn" else m
+        if tokens <= 0:
+            return 0.0
+        b = 2 ** max(4, round(math.log2(tokens)))
+        dims = (m, b, n) if layout == "tn" else (b, k, n)
+        key = f"gemm {dims[0]}x{dims[1]}x{dims[2]} {layout} {'bf16' if bf16 else 'fp32'}{'' if cold else ' cached'}"
+        return self._get(key, lambda: _time_gemm(*dims, layout, bf16, cold)) * tokens / b
+
+    def sdpa(self, n: int, heads: int, length: int, head_dim: int, masked: bool, bf16: bool) -> list[float]:
+        """[forward, backward] seconds of scaled_dot_product_attention at this shape (a padding mask or
+        causal), measured at the nearest power-of-two length and scaled by length squared."""
+        b = 2 ** max(4, round(math.log2(max(length, 1))))
+        key = f"sdpa {n}x{heads}x{b}x{head_dim} {'mask' if masked else 'causal'} {'bf16' if bf16 else 'fp32'}"
+        f, bw = self._get(key, lambda: _time_sdpa(n, heads, b, head_dim, masked, bf16))
+        return [f * (length / b) ** 2, bw * (length / b) ** 2]
+
+    def rates(self) -> dict:
+        """{'elem_s': seconds per float of an element-wise op (read and written, with a fresh output),
+        'bernoulli_s': per random number, 'op_s': one small op's fixed cost, 'fresh_s': per float of a
+        tensor above the allocator's mmap threshold, written for the first time (page faults)}"""
+        return {"elem_s": self._get("elementwise s/float", _time_elementwise),
+                "bernoulli_s": self._get("bernoulli s/float", _time_bernoulli),
+                "op_s": self._get("op s", _time_op),
+                "fresh_s": self._get("fresh page s/float", _time_fresh)}
+
+    def optimizer(self, run) -> list[float]:
+        """[seconds per trained parameter, per parameter tensor] of clip + optimizer step + zero_grad."""
+        key = f"optimizer {run.optimizer} {'momentum' if getattr(run, 'momentum', 0) else ''}".strip()
+        return self._get(key, lambda: _time_optimizer(run))
+
+    def base_mb(self) -> list[float]:
+        return self._get("base_mb", _baseline_mb)  # [resident, peak]
 
 
-def _best_time(fn, min_s: float = 0.3) -> float:
-    fn()  # warm-up (thread pool, caches)
-    best, spent = float("inf"), 0.0
-    while spent < min_s:
+def _best_of(fn, reps: int = 3, budget_s: float = 0.5) -> float:
+    fn()  # warm-up (thread pool, caches, allocator)
+    best, spent, i = float("inf"), 0.0, 0
+    while i < reps or (spent < 0.05 and i < 50):
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
-        best, spent = min(best, dt), spent + dt
+        best, spent, i = min(best, dt), spent + dt, i + 1
+        if spent > budget_s:
+            break
     return best
 
 
-def _matmul_gflops(t: int, h: int, i: int, dtype) -> float:
-    """Speed of a decoder layer's MLP matmuls, (t x h) @ (h x i) and back, the bulk of a step's work."""
+_POOL: dict = {}
+
+
+def last_level_cache() -> int:
+    """Bytes of the CPU's last-level cache (32 MB when the system does not say)."""
+    try:
+        index = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))[-1]
+        size = (index / "size").read_text().strip()
+        return int(size[:-1]) * {"K": 2**10, "M": 2**20}.get(size[-1], 1) if size[-1] in "KM" else int(size)
+    except (OSError, ValueError, IndexError):
+        return 32 * MB
+
+
+def _operands(shapes, dtype, cold: bool = True):
+    """Tensors of these shapes taken from a 384 MB pool at a new place on every call: a step's matmuls
+    read weights and activations that are not in the cache (each layer its own, gigabytes in all), so
+    the benchmark must not keep reading the same few megabytes from the last-level cache."""
     import torch
 
-    x, w1, w2 = torch.randn(t, h, dtype=dtype), torch.randn(h, i, dtype=dtype), torch.randn(i, h, dtype=dtype)
-    return 4 * t * h * i / _best_time(lambda: (x @ w1) @ w2) / 1e9
+    if (dtype, cold) not in _POOL:  # a warm pool: a quarter of the cache, read again and again
+        size = 384 * MB if cold else min(64 * MB, last_level_cache() // 4)
+        _POOL[dtype, cold] = [torch.empty(size // dtype.itemsize, dtype=dtype).uniform_(-1, 1), 0]
+    pool, at = _POOL[dtype, cold]
+    out = []
+    for shape in shapes:
+        size = math.prod(shape)
+        if at + size > pool.numel():
+            at = 0
+        out.append(pool[at:at + size].view(shape))
+        at += size
+    _POOL[dtype, cold][1] = at
+    return out
 
 
-def _bandwidth_gbps() -> float:
-    """Memory traffic of an element-wise op on 64 MB tensors (two reads, one write)."""
+def _time_gemm(m: int, k: int, n: int, layout: str, bf16: bool, cold: bool = True) -> float:
     import torch
 
-    a, b = torch.randn(16 * MB // 4 * 4), torch.randn(16 * MB // 4 * 4)
-    return 3 * a.numel() * 4 / _best_time(lambda: a.add_(b)) / 1e9
+    dt = torch.bfloat16 if bf16 else torch.float32
+    if layout == "nt":    # x (m, k) @ W^T, W stored (n, k)
+        def run():
+            a, w = _operands([(m, k), (n, k)], dt, cold)
+            return a @ w.t()
+    elif layout == "nn":  # dy (m, k) @ W, W stored (k, n)
+        def run():
+            a, w = _operands([(m, k), (k, n)], dt, cold)
+            return a @ w
+    else:                 # "tn": dy^T (m, k) @ x (k, n), dy stored (k, m)
+        def run():
+            g, x = _operands([(k, m), (k, n)], dt, cold)
+            return g.t() @ x
+    return _median_of(run)
 
 
-def _baseline_mb() -> float:
+def _median_of(fn, reps: int = 5) -> float:
+    """The median of a few runs after a warm-up: a training step runs for seconds, at the machine's
+    sustained speed, not at the best of a few lucky milliseconds."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _time_sdpa(n: int, heads: int, length: int, head_dim: int, masked: bool, bf16: bool) -> list[float]:
+    import torch
+    import torch.nn.functional as F
+
+    dt = torch.bfloat16 if bf16 else torch.float32
+    q, k, v = (torch.randn(n, heads, length, head_dim, dtype=dt, requires_grad=True) for _ in range(3))
+    mask = None
+    if masked:  # as transformers passes a padding mask: additive, one per row
+        mask = torch.zeros(n, 1, length, length, dtype=dt)
+        mask.masked_fill_(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    grad = torch.randn(n, heads, length, head_dim, dtype=dt)
+    fwd = _best_of(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked))
+
+    def both():
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked).backward(grad)
+    return [fwd, max(_best_of(both) - fwd, 0.0)]
+
+
+def _time_elementwise() -> float:
+    import torch
+
+    a, b = torch.randn(2 * MB), torch.randn(2 * MB)  # 8 MB each, the size of a layer's activations
+    return _best_of(lambda: torch.mul(a, b), reps=10) / (3 * a.numel())
+
+
+def _time_fresh() -> float:
+    import torch
+
+    return _best_of(lambda: torch.empty(16 * MB).fill_(1.0), reps=3) / (16 * MB)
+
+
+def _time_bernoulli() -> float:
+    import torch
+
+    a = torch.empty(2 * MB)
+    return _best_of(lambda: a.bernoulli_(0.95), reps=5) / a.numel()
+
+
+def _time_op() -> float:
+    import torch
+
+    a = torch.ones(8, requires_grad=True)
+    return _best_of(lambda: [a * 2 for _ in range(100)], reps=5) / 100
+
+
+def _time_optimizer(run) -> list[float]:
+    import torch
+
+    from lmtune.train.optim import build_optimizer
+
+    def cost(sizes):
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in sizes]
+        grads = [torch.full_like(p, 1e-3) for p in ps]
+        opt = build_optimizer(run, ps)
+
+        def step():
+            for p, g in zip(ps, grads):
+                p.grad = g
+            torch.nn.utils.clip_grad_norm_(ps, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return _best_of(step, reps=3)
+    big, many = cost([4 * MB]), cost([64] * 200)
+    per_tensor = max(many / 200, 0.0)
+    return [max(big - per_tensor, 1e-12) / (4 * MB), per_tensor]
+
+
+def _baseline_mb() -> list[float]:
     """[resident now, peak so far] (MB) of a fresh process that has imported what a training run imports:
     importing passes through a transient peak that a small model's whole run may stay under."""
     code = ("import resource, torch, transformers, peft, lmtune.finetune, lmtune.train.loop\n"
@@ -239,62 +459,146 @@ def _baseline_mb() -> float:
 # ----------------------------------------------------------------------------------------------
 # The predictions.
 
+FRAGMENTATION = 0.5  # see predict_memory
+
+
+def _layer_floats(s: Shape, length: int, lora: bool, bf16: bool) -> tuple[float, float]:
+    """(bytes a decoder layer saves for backward per token, bytes per token of the activations it
+    creates in forward and frees again), counted op by op for a Llama-style layer with SDPA attention."""
+    h, i, q = s.hidden, s.intermediate, s.heads * s.head_dim
+    kv = q if s.kv != q else s.kv  # repeat_kv materialises keys and values at full width for SDPA
+    lo = 2 if bf16 else 4          # bytes of what runs in bf16 under autocast (norms stay in fp32)
+    # each RMSNorm keeps its input and 1/rms (and its normalised output when its weight is trained)
+    saved = 2 * 4 * (h + 1 + (h if s.norm_trainable else 0))
+    # SDPA keeps q, k, v, its output and logsumexp; the additive padding mask (one row per position)
+    saved += lo * (2 * q + 2 * kv) + 4 * (s.heads + length)
+    saved += lo * 3 * i                     # MLP: gate (for silu), silu(gate) and up (for the product)
+    base = [(t, fin, trained) for t, kind, fin, _, trained in s.linears if kind == "base"]
+    inputs = {}                             # distinct inputs of the linears (q/k/v share one, gate/up one)
+    for t, fin, trained in base:
+        inputs.setdefault(_input_of(t), [fin, False])[1] |= trained
+    adapted = [(t, fin, fout) for t, kind, fin, fout, _ in s.linears if kind == "A"]
+    for t, fin, _ in adapted:
+        inputs.setdefault(_input_of(t), [fin, False])
+        if not s.lora_dropout:
+            inputs[_input_of(t)][1] = True  # lora_A keeps the (shared) input itself
+    # a trained weight needs its input kept (the attention output is kept by SDPA already)
+    saved += sum(lo * fin for name, (fin, kept) in inputs.items() if kept and name != "attn_out")
+    r = sum(fout for t, kind, _, fout, _ in s.linears if kind == "A")
+    if s.lora_dropout:  # each adapter's dropout: its own mask and masked copy of the input
+        saved += sum((4 + lo) * fin for _, fin, _ in adapted)
+    saved += lo * r                        # lora_A's output, kept for lora_B's weight gradient
+    # freed again in forward: norm temporaries, q/k before rotary embedding and the rotation's
+    # products, the projections' outputs, residual sums; LoRA's B outputs, scaled and added
+    temps = 4 * (6 * h) + lo * (4 * q + 4 * s.kv + 2 * h + i)
+    temps += sum(lo * 3 * fout for t, kind, _, fout, _ in s.linears if kind == "B")
+    return saved, temps
+
+
+def _input_of(target: str) -> str:
+    return {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+            "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}.get(target, target)
+
+
 def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: bool, ckpt: bool, bf16: bool,
                    base_mb: list[float]) -> dict:
-    """Peak resident memory (MB) by part, for the largest micro-batch of `batches`."""
+    """Peak resident memory (MB) by part, for the largest micro-batch of `batches`.
+
+    In use at the peak (the start of backward, from the second step on): the weights, the optimizer's
+    states, what forward saved for backward (per layer and token, `_layer_floats`; the loss's logits) and
+    backward's first transients (the output layer's gradients). Gradients take the place of the
+    activations that backward frees. On top of that the C allocator keeps what it cannot give back:
+    tensors below its mmap threshold (32 MB) come from the heap, where the activations freed in forward
+    and backward leave holes that later tensors only partly fill. This machine's glibc kept half the
+    saved activations' size again (measured over small and 135M models, full and LoRA)."""
+    from lmtune.train.loss import CHUNK
+
     weights = 4 * s.params
-    grads = 4 * s.trainable
     per_param = {"adamw": 8, "adam": 8, "sgd": 4 if run.momentum else 0, "rmsprop": 8 if run.momentum else 4}
     optim = per_param[run.optimizer] * s.trainable
-    tokens = max(n * length for n, length, _ in batches)
-    targets = max(t for _, _, t in batches)
-    # floats a decoder layer saves per token for backward (norm inputs, q/k/v, attention output, MLP
-    # gate/up/product); checkpointing keeps only each layer's input and recomputes the rest
-    floats = s.hidden if ckpt else 7 * s.hidden + 2 * s.kv + 4 * s.intermediate
-    if lora and run.lora_dropout > 0 and not ckpt:  # peft's dropout keeps its own copy of each adapted input
-        floats += 7 * s.hidden + s.intermediate
-    act_bytes = (2.5 if bf16 else 4) * floats * s.layers * tokens
-    if not ckpt:  # with a padding mask, CPU attention materialises scores, softmax and its dropout per head
-        act_bytes += 3 * 4 * s.heads * s.layers * max(n * length * length for n, length, _ in batches)
-    if ckpt:  # one layer's full activations are alive again while it is recomputed
-        act_bytes += 4 * (7 * s.hidden + 2 * s.kv + 4 * s.intermediate) * tokens
-    # the loss's chunk of logits (at most 1024 target positions): logits, log-softmax and its gradient
-    head = 3 * 4 * min(targets, 1024) * s.vocab
-    head_grad = 4 * s.vocab * s.hidden if s.head_trainable else 0
-    cast = 2 * s.matmul_params if bf16 else 0  # autocast's bf16 copies of the weights
-    # the peak is at the start of backward (activations alive, optimizer state kept from the step before)
-    # or at its end (all gradients alive, activations freed), whichever is larger
-    train = max(act_bytes + head + head_grad + cast, grads)
+    grads = 4 * s.trainable
+    best = None
+    for n, length, targets in batches:
+        tokens = n * length
+        saved, _ = _layer_floats(s, length, lora, bf16)
+        if ckpt:  # each layer keeps only its input; backward recomputes one layer at a time
+            layers = s.layers * tokens * (4 * s.hidden + 4 * length) + saved * tokens
+        else:
+            layers = s.layers * tokens * saved
+        layers += tokens * 4 * (2 * s.hidden + 1)  # the final norm
+        rows, chunked = _loss_path(s, n, length, targets)
+        if chunked:  # target positions' hidden states; one chunk's logits, log-softmax and their gradients
+            logits, transient = 4 * rows * s.hidden, 4 * 4 * min(rows, CHUNK) * s.vocab
+        else:       # log-softmax over every position, kept; in backward its gradient and the logits'
+            logits, transient = (4 + (2 if bf16 else 0)) * rows * s.vocab, 2 * 4 * rows * s.vocab
+        head_grad = (2 if s.head_trainable else 0) * 4 * s.vocab * s.hidden  # embedding's and the head's
+        act = layers + logits
+        if best is None or act + transient > best[0] + best[1]:
+            best = (act, transient + head_grad)
+    act, transient = best
+    cast = 2 * s.matmul_params if bf16 else 0  # autocast's bf16 copies of the weights, kept for backward
     resident, import_peak = base_mb
-    parts = {"baseline": resident, "weights": weights / MB, "optimizer": optim / MB,
-             "activations": (act_bytes + head) / MB, "gradients": max(grads, head_grad) / MB}
     # the tokenizer (about 1 KB per vocabulary entry for fast tokenizers) and the first steps' one-off
-    # allocations (thread pools, autograd engine) come on top of what the imports left resident
+    # allocations (thread pools, autograd engine)
     runtime = s.vocab * 1024 + 25 * MB
-    parts["peak"] = max(import_peak, resident + (weights + optim + train + runtime) / MB)
+    in_use = weights + optim + act + cast + transient + runtime
+    parts = {"baseline": resident, "weights": weights / MB, "optimizer": optim / MB,
+             "activations": act / MB, "gradients": grads / MB}
+    parts["peak"] = max(import_peak, resident + (in_use + FRAGMENTATION * act) / MB)
     return parts
 
 
 def predict_time(s: Shape, run, batches: list[tuple[int, int, int]], lora: bool, ckpt: bool, bf16: bool,
-                 m: dict) -> dict:
-    """Seconds per optimizer step (mean over the run's steps) and for the whole run."""
-    tokens = sum(n * length for n, length, _ in batches)
-    targets = sum(t for _, _, t in batches)
-    attn = sum(n * length * length for n, length, _ in batches) * s.hidden * s.layers * 4  # QK^T, AV, full square
-    trained = s.matmul_params - s.frozen_matmul
-    # forward 2 flops per weight per token; backward 2 for the input gradient, 2 more for a trained weight
-    flops = tokens * (2 * s.matmul_params * (2 if ckpt else 1) + 2 * s.matmul_params + 2 * trained)
-    flops += attn * (4 if ckpt else 3)
-    flops += targets * 2 * s.vocab * s.hidden * (4 if s.head_trainable else 3)  # head: fwd, recompute, bwd
-    compute = flops / (m["gflops"] * 1e9)
-    # the rest is memory traffic: activations written and read back a few times, the optimizer's arrays
-    floats = 7 * s.hidden + 2 * s.kv + 4 * s.intermediate
-    traffic = 4 * floats * s.layers * tokens * 6 + 4 * s.trainable * 12 * len(batches) / run.grad_accum
+                 m: Machine) -> dict:
+    """Seconds per optimizer step (mean over the run's steps) and for the whole run: every matmul at its
+    shape (measured), attention (measured at its shape), element-wise work (floats moved, at the measured
+    rate), dropout's random numbers, a fixed cost per op, and the optimizer."""
+    rate = m.rates()
+    h, i, q, kv = s.hidden, s.intermediate, s.heads * s.head_dim, s.kv
+    masked = hasattr(run, "model")  # fine-tuning rows are padded: transformers passes a mask
+    # the step's working set (weights and what forward keeps) against the last-level cache
+    n0, l0, _ = max(batches, key=lambda b: b[0] * b[1])
+    working = 4 * s.params + n0 * l0 * s.layers * _layer_floats(s, l0, lora, bf16)[0]
+    cold = working > last_level_cache()
+    total, flops = 0.0, 0.0
+    for n, length, targets in batches:
+        tokens = n * length
+        fwd_passes = 2 if ckpt else 1
+        t = 0.0
+        for _, kind, fin, fout, trained in s.linears:
+            t += fwd_passes * m.gemm(tokens, fin, fout, "nt", bf16, cold) + m.gemm(tokens, fout, fin, "nn", bf16, cold)
+            t += m.gemm(fout, tokens, fin, "tn", bf16, cold) if trained else 0.0
+            flops += 2 * tokens * fin * fout * (fwd_passes + 1 + trained) * s.layers
+        t *= s.layers
+        af, ab = m.sdpa(n, s.heads, length, s.head_dim, masked, bf16)
+        t += s.layers * (fwd_passes * af + ab)
+        # element-wise floats per token and layer in forward (norms, rotary embedding, residual sums,
+        # silu and product; LoRA's dropout, scaling and sum); backward moves about twice as many
+        elem = 14 * h + 10 * (q + kv) + (2 * (kv + q) if kv != q else 0) + 6 * h + 5 * i
+        drop = sum(fin for _, kind, fin, _, _ in s.linears if kind == "A") if s.lora_dropout else 0
+        elem += 5 * drop + sum(5 * fout for _, kind, _, fout, _ in s.linears if kind == "B")
+        t += s.layers * tokens * ((fwd_passes + 2) * elem * rate["elem_s"] + fwd_passes * drop * rate["bernoulli_s"])
+        # ops: about 40 per layer in forward and 12 per adapter, each with a backward of about two
+        n_ops = 40 + 12 * sum(kind == "A" for _, kind, _, _, _ in s.linears)
+        t += s.layers * (fwd_passes + 2) * n_ops * rate["op_s"]
+        # the LM head and the loss over its rows; chunks are computed again in backward
+        rows, chunked = _loss_path(s, n, length, targets)
+        if s.vocab:
+            head_fwd = (2 if chunked else 1) * m.gemm(rows, h, s.vocab, "nt", bf16, cold)
+            t += head_fwd + m.gemm(rows, s.vocab, h, "nn", bf16, cold)
+            t += m.gemm(s.vocab, rows, h, "tn", bf16, cold) if s.head_trainable else 0.0
+            # log-softmax and its gradient (and the recomputed chunk's): tensors of rows x vocabulary,
+            # above the allocator's mmap threshold for a real vocabulary: fresh pages, written first
+            big = lambda floats: rate["fresh_s"] if floats >= 8 * MB else rate["elem_s"]  # noqa: E731
+            t += rows * s.vocab * ((4 if chunked else 3) * big(rows * s.vocab) + 6 * rate["elem_s"])
+            if s.head_trainable:  # the embedding's dense gradient, added to the tied head's
+                t += s.vocab * h * (2 * big(s.vocab * h) + 3 * rate["elem_s"])
+            flops += 2 * rows * h * s.vocab * ((2 if chunked else 1) + 1 + s.head_trainable)
+        total += t
     steps = len(batches) / run.grad_accum
-    # plus a fixed cost per step (collate, clip, logging) and per layer and micro-batch (op dispatch),
-    # measured on small models where it dominates
-    per_step = (compute + traffic / (m["gbps"] * 1e9)) / steps + 0.02 + 0.005 * s.layers * run.grad_accum
-    return {"step_s": per_step, "run_s": per_step * steps, "steps": int(steps), "gflop_per_step": flops / steps / 1e9}
+    per_param, per_tensor = m.optimizer(run)
+    step = total / steps + s.trainable * per_param + s.tensors * per_tensor + 0.005  # + collate, logging
+    return {"step_s": step, "run_s": step * steps, "steps": int(steps), "gflop_per_step": flops / steps / 1e9}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,11 +632,12 @@ def estimate(cfg: EstimateConfig) -> dict:
 
 
 def _predict(shape: Shape, run, batches, lora: bool, ckpt: bool, bf16: bool) -> dict:
-    tokens = max(n * length for n, length, _ in batches)
-    m = machine(shape, tokens, bf16)
-    mem = predict_memory(shape, run, batches, lora, ckpt, bf16, m["base_mb"])
+    m = Machine()
+    mem = predict_memory(shape, run, batches, lora, ckpt, bf16, m.base_mb())
+    timing = predict_time(shape, run, batches, lora, ckpt, bf16, m)
+    m.save()
     return {"lora": lora, "ckpt": ckpt, "bf16": bf16, "params": shape.params, "trainable": shape.trainable,
-            **{f"{k}_mb": round(v, 1) for k, v in mem.items()}, **predict_time(shape, run, batches, lora, ckpt, bf16, m)}
+            **{f"{k}_mb": round(v, 1) for k, v in mem.items()}, **timing}
 
 
 def format_estimate(result: dict) -> str:
@@ -382,10 +687,11 @@ def check(cfg: EstimateConfig, asked: dict) -> dict:
     measured_s = sorted(times)[len(times) // 2]
     shape = model_shape(run)
     batches = batch_sizes(short)
-    m = machine(shape, max(n * length for n, length, _ in batches), run.bf16)
+    m = Machine()
     lora = getattr(run, "lora", False)
-    mem = predict_memory(shape, run, batches, lora, run.activation_checkpointing, run.bf16, m["base_mb"])
+    mem = predict_memory(shape, run, batches, lora, run.activation_checkpointing, run.bf16, m.base_mb())
     pt = predict_time(shape, run, batches[run.grad_accum:], lora, run.activation_checkpointing, run.bf16, m)
+    m.save()
     return {"steps": len(steps), "predicted_mb": mem["peak"], "measured_mb": measured_mb,
             "memory_error": mem["peak"] / measured_mb - 1, "predicted_s": pt["step_s"], "measured_s": measured_s,
             "time_error": pt["step_s"] / measured_s - 1}
