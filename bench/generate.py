@@ -8,7 +8,8 @@ SmolLM2-135M-Instruct; the first Alpaca instructions of ../shared/data/alpaca/al
 through the chat template; greedy, stop at EOS or max_new_tokens. Contenders run alternately (prompt by
 prompt at batch 1, batch by batch at batch 8), in one process, one at a time. tokens/s = generated tokens
 (up to and including EOS, per row) over wall time of the calls, prefill included; warm-up (and compile)
-runs are timed separately and not counted. "ratio" is against HF at the same precision. Agreement is
+runs are timed separately and not counted. "ratio" is against HF at the same precision ("lmtune int8",
+weight-only int8 made from the fp32 weights, against HF fp32). Agreement is
 against HF fp32: rows whose token ids are all identical, and the share of identical token positions.
 """
 
@@ -56,10 +57,10 @@ class HF:
 
 
 class Ours:
-    def __init__(self, model, tok, compile=False):
+    def __init__(self, model, tok, compile=False, quantize="none"):
         from lmtune.decode import Decoder
 
-        self.dec, self.tok = Decoder(model, compile=compile), tok
+        self.dec, self.tok = Decoder(model, compile=compile, quantize=quantize), tok
 
     def __call__(self, batch, n):
         return self.dec.generate(batch, n, eos_ids=[self.tok.eos_token_id], pad_id=self.tok.pad_token_id).tolist()
@@ -88,7 +89,8 @@ def main() -> None:
     eos, pad = tok.eos_token_id, tok.pad_token_id
     ps = prompts(tok, max(n_b1, 8 * n_b8_batches))
     contenders = {"HF fp32": HF(fp32, tok), "HF bf16": HF(bf16, tok),
-                  "lmtune fp32": Ours(fp32, tok), "lmtune bf16": Ours(bf16, tok)}
+                  "lmtune fp32": Ours(fp32, tok), "lmtune bf16": Ours(bf16, tok),
+                  "lmtune int8": Ours(fp32, tok, quantize="int8")}  # int8 weights from the fp32 model
     if args.compile:
         contenders["lmtune fp32 compile"] = Ours(fp32, tok, compile=True)
     precision = {name: ("bf16" if "bf16" in name else "fp32") for name in contenders}

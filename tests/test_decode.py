@@ -99,3 +99,34 @@ def test_cli_generate(tiny, tiny_chat_model, capsys):
     text = generate(GenerateConfig(model=tiny_chat_model, prompt=PROMPTS[0], max_new_tokens=8))
     ref = tok.decode(hf_generate(model, tok, [ids[0]], 8, tok.eos_token_id)[0], skip_special_tokens=True)
     assert text == ref and capsys.readouterr().out == text + "\n"
+
+
+def test_int8_weights_stay_close_to_fp32(tiny):
+    """Weight-only int8: the next-token logits stay close to fp32's, for one row (int8 kernel) and for a
+    prefill of many rows (the bf16 copy); the first greedy token agrees."""
+    model, tok, ids = tiny
+    fp32, int8 = Decoder(model), Decoder(model, quantize="int8")
+    with torch.inference_mode():
+        for prompt in ids:
+            for dec in (fp32, int8):
+                dec.runner.reset(1, len(prompt) + 1)
+            args = (torch.tensor([prompt]), torch.arange(len(prompt))[None], None, torch.arange(len(prompt)),
+                    len(prompt))
+            full, quant = fp32.runner.forward(*args), int8.runner.forward(*args)
+            assert torch.nn.functional.cosine_similarity(full, quant).item() > 0.999
+            # one token at a time (the int8 kernel path)
+            step = (torch.tensor([[prompt[-1]]]), torch.tensor([[len(prompt)]]), None, torch.tensor([len(prompt)]),
+                    len(prompt) + 1)
+            assert torch.nn.functional.cosine_similarity(fp32.runner.forward(*step),
+                                                         int8.runner.forward(*step)).item() > 0.999
+    a = fp32.generate(ids, 1, pad_id=tok.pad_token_id)
+    b = int8.generate(ids, 1, pad_id=tok.pad_token_id)
+    assert torch.equal(a, b)
+
+
+def test_int8_needs_a_llama(tiny):
+    from lmtune.errors import LmtuneError
+
+    model, _, _ = tiny
+    with pytest.raises(LmtuneError, match="--quantize int8"):
+        Decoder(type("NotALlama", (torch.nn.Module,), {"config": model.config})(), quantize="int8")

@@ -145,6 +145,9 @@ class GenerateConfig:
     bf16: bool = opt(False, "Generate in bf16 (half the bytes a token; greedy output may differ slightly from fp32).")
     compile: bool = opt(False, "torch.compile the one-token decode step (a compile of ~1-2 min on a CPU; "
                         "pays only for long generations).")
+    quantize: str = opt("none", "Weight-only quantization of the matrices for decoding: int8 reads a quarter of "
+                        "fp32's bytes a token (output may differ from fp32; Llama-family models).",
+                        choices=("none", "int8"))
 
 
 @dataclass

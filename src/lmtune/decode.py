@@ -15,6 +15,13 @@ real tokens), same per-row stop at EOS (a finished row then yields `pad_id`, as 
 (RMSNorm in fp32, rotary tables from the model's own rotary module). Sampling applies temperature, then
 top-k, then top-p, in HF's order, and draws from a seeded generator.
 
+`quantize="int8"` stores the Llama runner's matrices (and the output layer) as int8 with one scale per output
+row and multiplies them with torch's weight-only int8 kernel (bf16 activations in, fp32 back out; norms,
+rotary, attention and the cache stay in the model's precision). A decoded token then reads a quarter of
+the fp32 bytes. Prefill and batches of more than 4 rows use a bf16 copy of the weights instead (the int8
+kernel is matrix-vector; bf16 matmuls are fast on CPUs with AMX/AVX512-BF16). The output is no longer
+identical to fp32 greedy decoding; bench/generate.py states how often it agrees.
+
 `compile=True` compiles the single-token step with torch.compile (static shapes: the cache is attended
 over its full, masked length). It costs a compile per (batch, cache length) and pays only where Python
 overhead, not weight reading, dominates; measured in bench/generate.py.
@@ -41,6 +48,30 @@ def rms_norm(x, w, eps):
     return w * x.to(dtype)
 
 
+class Int8:
+    """A weight matrix (out, in) as int8 rows with one bf16 scale per row (symmetric, absmax/127), plus a bf16
+    copy: torch's int8 kernel is a matrix-vector one (its time grows with the rows), so a few rows (decoding)
+    go through it and many rows (prefill, big batches) through the bf16 matmul, which is fast on the CPU."""
+
+    ROWS = 4  # at most this many rows take the int8 kernel (measured crossover on a 2-core Xeon: ~5-8)
+
+    def __init__(self, w: torch.Tensor):
+        w = w.detach().float()
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+        self.q, self.scale = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.bfloat16()
+        self.bf16 = w.bfloat16()
+
+
+def linear(x, w, b=None):
+    """F.linear, or for an Int8 `w` the int8 kernel (few rows) or the bf16 matmul (many), bf16 inside."""
+    if not isinstance(w, Int8):
+        return F.linear(x, w, b)
+    x2 = x.reshape(-1, x.shape[-1]).bfloat16()
+    y = torch.ops.aten._weight_int8pack_mm(x2, w.q, w.scale) if x2.shape[0] <= w.ROWS else F.linear(x2, w.bf16)
+    y = y.to(x.dtype).view(*x.shape[:-1], -1)
+    return y if b is None else y + b
+
+
 class LlamaRunner:
     """A Llama-family causal LM as plain tensors + one forward that writes into a static KV cache."""
 
@@ -51,7 +82,7 @@ class LlamaRunner:
         return (type(model).__name__ == "LlamaForCausalLM" and cfg.hidden_act == "silu"
                 and rope in ROPE_TYPES and not getattr(cfg, "sliding_window", None))
 
-    def __init__(self, model):
+    def __init__(self, model, quantize: str = "none"):
         cfg, m = model.config, model.model
         self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -70,6 +101,11 @@ class LlamaRunner:
                 wd=mlp.down_proj.weight.detach(), bd=mlp.down_proj.bias))
         self.emb, self.norm = m.embed_tokens.weight.detach(), m.norm.weight.detach()
         self.head = model.lm_head.weight.detach()
+        if quantize == "int8":
+            for L in self.layers:
+                for k in ("wqkv", "wo", "wgu", "wd"):
+                    L[k] = Int8(L[k])
+            self.head = Int8(self.head)
         self.k = self.v = None  # the cache: (layers, batch, kv heads, length, head_dim), made by `reset`
 
     def reset(self, batch: int, length: int) -> None:
@@ -92,7 +128,7 @@ class LlamaRunner:
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, S, D)
         for i, L in enumerate(self.layers):
             # attention: one matmul for q, k, v; rotary on q and k together; cache write in place
-            qkv = F.linear(rms_norm(x, L["ln1"], self.eps), L["wqkv"], L["bqkv"])
+            qkv = linear(rms_norm(x, L["ln1"], self.eps), L["wqkv"], L["bqkv"])
             qkv = qkv.view(B, S, H + 2 * KV, D).transpose(1, 2)
             qk = qkv[:, :H + KV]
             qk = qk * cos + qk.roll(D // 2, -1) * sin
@@ -100,11 +136,11 @@ class LlamaRunner:
             self.v[i].index_copy_(2, at, qkv[:, H + KV:])
             y = F.scaled_dot_product_attention(qk[:, :H], self.k[i, :, :, :kv_len], self.v[i, :, :, :kv_len],
                                                attn_mask=mask, scale=D ** -0.5, enable_gqa=KV != H)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, S, H * D), L["wo"], L["bo"])
+            x = x + linear(y.transpose(1, 2).reshape(B, S, H * D), L["wo"], L["bo"])
             # MLP: gate and up in one matmul
-            g, u = F.linear(rms_norm(x, L["ln2"], self.eps), L["wgu"], L["bgu"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(g) * u, L["wd"], L["bd"])
-        return F.linear(rms_norm(x[:, -1], self.norm, self.eps), self.head).float()
+            g, u = linear(rms_norm(x, L["ln2"], self.eps), L["wgu"], L["bgu"]).chunk(2, dim=-1)
+            x = x + linear(F.silu(g) * u, L["wd"], L["bd"])
+        return linear(rms_norm(x[:, -1], self.norm, self.eps), self.head).float()
 
     def step(self, tok, pos, valid, at):
         """One token per row (B, 1) at slot `at`; attention over the whole cache, padding masked by `valid`.
@@ -153,11 +189,14 @@ def pick(logits, temperature: float, top_k: int, top_p: float, generator):
 class Decoder:
     """Greedy or sampled generation for a batch of prompts (token id lists of any lengths, left-padded)."""
 
-    def __init__(self, model, *, compile: bool = False):
+    def __init__(self, model, *, compile: bool = False, quantize: str = "none"):
         if getattr(model, "peft_config", None):  # a LoRA model: fold the adapter into the weights first
             model = model.merge_and_unload()
         model.eval()
-        self.runner = LlamaRunner(model) if LlamaRunner.supports(model) else HFRunner(model)
+        if quantize != "none" and not LlamaRunner.supports(model):
+            raise LmtuneError(f"--quantize {quantize} works for Llama-family models; "
+                              f"{type(model).__name__} is not one (leave --quantize none)")
+        self.runner = LlamaRunner(model, quantize) if LlamaRunner.supports(model) else HFRunner(model)
         self.fast = isinstance(self.runner, LlamaRunner)
         self.compile = compile and self.fast
         self._step = torch.compile(self.runner.step, dynamic=False, fullgraph=True) if self.compile else None
