@@ -120,10 +120,11 @@ class Meter:
 # lmtune's optimisation ladder on workload (a), each rung adding one thing to the one before (as
 # torchtune's); "lmtune" is the configuration we compare with the peers (the last fp32 rung).
 LADDER = {
-    "lmtune baseline": dict(group=False, chunked=False),          # random padded batches, full logits
-    "+ length grouping": dict(group=True, chunked=False),
-    "+ chunked loss": dict(group=True, chunked=True),
-    "lmtune": dict(group=True, chunked=True, ckpt=True),           # + activation checkpointing
+    "lmtune baseline": dict(group=False, chunked=False, recompute=False),  # random padded batches, full logits
+    "+ length grouping": dict(group=True, chunked=False, recompute=False),
+    "+ chunked loss": dict(group=True, chunked=True, recompute=False),
+    "lmtune": dict(group=True, chunked=True),                # + element-wise recompute: lmtune's defaults
+    "lmtune + ckpt": dict(group=True, chunked=True, ckpt=True),  # + activation checkpointing
     "lmtune packed": dict(pack=True, chunked=True, ckpt=True),     # packing instead of grouping
     "lmtune compile": dict(pack=True, chunked=True, ckpt=True, compile=True),
 }
@@ -147,7 +148,7 @@ def held_out_loss(model, tok, args) -> float:
     return mean_loss(model, examples, coll, causal_lm_loss, 4)
 
 
-def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, compile=False) -> dict:
+def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompute=True, compile=False) -> dict:
     from lmtune import models
     from lmtune.config import FinetuneConfig
     from lmtune.finetune import finetune
@@ -163,7 +164,8 @@ def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, compile
                          lora_alpha=32, lora_dropout=0.0, batch_size=4, grad_accum=2, max_length=512,
                          max_steps=args.steps, learning_rate=2e-4, schedule="constant", warmup_steps=0,
                          pack=pack, bf16=args.bf16, save_every=10_000, grad_clip=1.0, group_by_length=group,
-                         activation_checkpointing=ckpt, compile=compile)
+                         activation_checkpointing=ckpt, recompute_elementwise=recompute,
+                         compile=compile)
     finetune(cfg)
     peak = peak_rss_mb()  # before the held-out evaluation loads a second copy
     rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -173,7 +175,8 @@ def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, compile
             "tokens_per_s": sum(r["tokens"] for r in rows[1:]) / dt,
             "peak_rss_mb": peak, "loss": rows[-1]["loss"], "held_out": held_out_loss(model, tok, args),
             "steps": len(rows),
-            "settings": f"bf16={args.bf16} ckpt={ckpt} pack={pack} group={group} chunked={chunked} compile={compile}"}
+            "settings": f"bf16={args.bf16} ckpt={ckpt} pack={pack} group={group} chunked={chunked} "
+                        f"recompute={recompute and not ckpt and not compile} compile={compile}"}
 
 
 def _timing_callback(meter, losses):

@@ -56,6 +56,9 @@ class TrainConfig:
                            choices=("none", "ddp", "fsdp"))
     pack: bool = opt(False, "Pack several examples into each --max-length block (no compute on padding).")
     activation_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    recompute_elementwise: bool = opt(True, "Keep matmul outputs but rebuild norm and MLP activations in backward "
+                                            "(bit-identical; ~40%% less activation memory for Llama blocks; off under "
+                                            "--activation-checkpointing or --compile).")
     compile: bool = opt(False, "torch.compile the model and loss (pays on long runs of same-shape batches; "
                                 "the first step compiles, about a minute on a CPU).")
     group_by_length: bool = opt(True, "Without --pack: batch rows of similar length together (less padding).")

@@ -83,8 +83,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     if cfg.lora:
         model = models.attach_task_lora(model, meta["head"], cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                         cfg.lora_targets)
-    if cfg.activation_checkpointing:
-        models.enable_activation_checkpointing(model)
+    models.save_activation_memory(model, cfg)
     total, trainable = models.count_parameters(model)
     if distributed.world().is_main:
         packed = f" packed into {len(examples)} blocks of {cfg.max_length}" if cfg.pack else ""

@@ -181,6 +181,17 @@ def enable_activation_checkpointing(model) -> None:
         base.enable_input_require_grads()
 
 
+def save_activation_memory(model, cfg) -> None:
+    """--activation-checkpointing (recompute whole blocks), else --recompute-elementwise (recompute only
+    norms and activation functions; not under --compile, whose graphs take no saved-tensor hooks)."""
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    elif cfg.recompute_elementwise and not cfg.compile:
+        from lmtune.train.memory import recompute_elementwise
+
+        recompute_elementwise(model)
+
+
 def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -309,6 +320,10 @@ def attach_task_lora(model, head: str, r: int, alpha: float, dropout: float, tar
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, task_type=task_type,
                      modules_to_save=keep)
     try:
-        return get_peft_model(model, cfg)
+        model = get_peft_model(model, cfg)
     except ValueError as e:
         raise LmtuneError(f"lora_targets '{targets}': {str(e).splitlines()[0]}") from None
+    from lmtune.fused import fuse_lora
+
+    fuse_lora(model)  # scale-and-add inside the matmul: no full-size temporaries per adapted layer
+    return model

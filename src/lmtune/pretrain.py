@@ -91,8 +91,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     model = models.build_from_preset(cfg.model_size, tokenizer, cfg.max_length, cfg.model_config)
     total, _ = models.count_parameters(model)
     n_tokens = sum(len(e["input_ids"]) for e in examples)
-    if cfg.activation_checkpointing:
-        models.enable_activation_checkpointing(model)
+    models.save_activation_memory(model, cfg)
     if distributed.world().is_main:
         print(f"model {cfg.model_config or cfg.model_size}: {total / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}; "
               f"{n_tokens} training tokens in {len(examples)} blocks, {len(val_examples)} validation blocks",

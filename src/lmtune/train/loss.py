@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmtune.data.batching import IGNORE
 
-CHUNK = 1024  # target positions per chunk of logits
+CHUNK = 256  # target positions per chunk of logits
 SMALL_LOGITS = 2**25  # logits entries (128 MB in fp32) below which the loss is computed in one piece
 
 

@@ -1,0 +1,143 @@
+"""Selective recomputation: keep what matrix multiplies produce, recompute the cheap element-wise work.
+
+Autograd keeps, for backward, every tensor an op needs. In a Llama block most of that memory is
+element-wise results that are cheap to rebuild: the RMSNorm outputs (kept by the q/k/v and gate/up
+projections, or their LoRA A matrices) and, in the SwiGLU MLP, `act(gate)` (kept by the multiply) and
+`act(gate) * up` (kept by the down projection). Each of them can be rebuilt exactly from tensors that
+backward keeps anyway: a norm's output from the norm's input, the MLP's products from `gate` and `up`.
+
+`recompute_elementwise(model)` tags those outputs as they are made, and a saved-tensor hook around the
+decoder's forward stores a recipe (function + inputs that are kept anyway) instead of a tagged tensor;
+backward runs the recipe when it needs the value. Unlike activation checkpointing no matrix multiply runs
+twice, and the results are bit-identical. For SmolLM2-135M with LoRA it removes about 40% of the saved
+activations.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+
+import torch
+
+
+def _autocast_state() -> tuple:
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+
+
+class _Source:
+    """A tagged tensor's recipe: a function and inputs that backward keeps anyway. Several ops may save the
+    same tensor (q, k and v all keep the norm's output); the value is rebuilt once and dropped after its
+    last use."""
+    __slots__ = ("ref", "fn", "inputs", "autocast", "uses", "value")
+
+    def __init__(self, out: torch.Tensor, fn, inputs: tuple):
+        self.ref, self.fn, self.inputs, self.autocast = weakref.ref(out), fn, inputs, _autocast_state()
+        self.uses, self.value = 0, None
+
+    def take(self) -> torch.Tensor:
+        if self.value is None:
+            (d1, on1, t1), (d2, on2, t2) = self.autocast  # the forward's precision: the value is identical
+            with torch.no_grad(), torch.autocast(d1, t1, enabled=on1), torch.autocast(d2, t2, enabled=on2):
+                self.value = self.fn(*self.inputs)
+        value, self.uses = self.value, self.uses - 1
+        if self.uses <= 0:
+            self.value = None
+        return value
+
+
+class _Recipe:
+    """A saved tensor (the tagged one or a view of it) as its source plus where it lies in the source."""
+    __slots__ = ("source", "size", "stride", "offset")
+
+    def __init__(self, source: _Source, view: torch.Tensor, base: torch.Tensor):
+        self.source, self.size, self.stride = source, view.size(), view.stride()
+        self.offset = view.storage_offset() - base.storage_offset()
+        source.uses += 1
+
+    def __call__(self) -> torch.Tensor:
+        value = self.source.take()
+        return value.as_strided(self.size, self.stride, value.storage_offset() + self.offset)
+
+
+class _Tags:
+    """Tensors that may be saved as a recipe, by storage address (valid while the tensor is alive)."""
+
+    def __init__(self):
+        self.by_address: dict[int, _Source] = {}
+        self.active = False
+
+    def tag(self, out: torch.Tensor, fn, *inputs: torch.Tensor) -> None:
+        if self.active:
+            self.by_address[out.untyped_storage().data_ptr()] = _Source(out, fn, inputs)
+
+    def pack(self, t: torch.Tensor):
+        source = self.by_address.get(t.untyped_storage().data_ptr()) if t.is_floating_point() else None
+        if source is not None:
+            base = source.ref()
+            if base is not None and base.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() \
+                    and base.dtype == t.dtype:
+                return _Recipe(source, t, base)
+        return t
+
+    @staticmethod
+    def unpack(x):
+        return x() if isinstance(x, _Recipe) else x
+
+
+def _is_swiglu_mlp(m: torch.nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+def _is_norm(m: torch.nn.Module) -> bool:
+    return type(m).__name__.endswith("RMSNorm") or isinstance(m, torch.nn.LayerNorm)
+
+
+def recompute_elementwise(model: torch.nn.Module) -> int:
+    """Patch `model` in place (norms, gated MLPs and the decoder's forward); returns how many modules
+    were patched (0: nothing to gain, the model is left as it was)."""
+    tags, patched = _Tags(), 0
+    for m in model.modules():
+        if _is_swiglu_mlp(m):
+            def mlp_forward(self, x):  # the same computation as LlamaMLP.forward
+                gate, up = self.gate_proj(x), self.up_proj(x)
+                act = self.act_fn(gate)
+                tags.tag(act, self.act_fn, gate.detach())  # before `act * up` saves it
+                h = act * up
+                tags.tag(h, lambda g, u, f=self.act_fn: f(g) * u, gate.detach(), up.detach())
+                return self.down_proj(h)
+            m.forward = types.MethodType(mlp_forward, m)
+            patched += 1
+        elif _is_norm(m):
+            def norm_hook(module, args, out):
+                if tags.active and not getattr(module, "_lmtune_recomputing", False):
+                    tags.tag(out, lambda x, mod=module: _run_untagged(mod, x), args[0].detach())
+            m.register_forward_hook(norm_hook)
+            patched += 1
+    if not patched:
+        return 0
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base.get_decoder() if hasattr(base, "get_decoder") else base
+    forward = inner.forward
+
+    def decoder_forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        tags.active = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(tags.pack, tags.unpack):
+                return forward(*args, **kwargs)
+        finally:
+            tags.active = False
+            tags.by_address.clear()
+    inner.forward = decoder_forward
+    return patched
+
+
+def _run_untagged(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    module._lmtune_recomputing = True
+    try:
+        return module(x)
+    finally:
+        module._lmtune_recomputing = False
+
