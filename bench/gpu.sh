@@ -18,7 +18,8 @@ export HF_HUB_OFFLINE=1
 if [[ $DRY == 1 ]]; then
     PY=${VENV:-.venv}/bin/python
     echo "dry mode: CPU, 2 steps per contender, lmtune against the strongest peer of each workload"
-    exec "$PY" bench/throughput.py --steps 2 --bf16 --only "lmtune,lmtune compile,TRL padding_free,HF Trainer"
+    "$PY" bench/throughput.py --workload a --steps 2 --bf16 --only "lmtune,TRL padding_free"
+    exec "$PY" bench/throughput.py --workload b --steps 2 --bf16 --only "lmtune,lmtune compile,HF Trainer"
 fi
 
 if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then

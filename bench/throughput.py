@@ -123,8 +123,9 @@ LADDER = {
     "lmtune baseline": dict(group=False, chunked=False, recompute=False),  # random padded batches, full logits
     "+ length grouping": dict(group=True, chunked=False, recompute=False),
     "+ chunked loss": dict(group=True, chunked=True, recompute=False),
-    "lmtune": dict(group=True, chunked=True),                # + element-wise recompute: lmtune's defaults
-    "lmtune + ckpt": dict(group=True, chunked=True, ckpt=True),  # + activation checkpointing
+    "+ recompute": dict(group=True, chunked=True),             # + element-wise recompute: lmtune's defaults
+    "lmtune": dict(group=True, chunked=True, ckpt=True, share=0.4),  # + checkpointing 40% of the layers
+    "+ full ckpt": dict(group=True, chunked=True, ckpt=True),   # every layer checkpointed
     "lmtune packed": dict(pack=True, chunked=True, ckpt=True),     # packing instead of grouping
     "lmtune compile": dict(pack=True, chunked=True, ckpt=True, compile=True),
 }
@@ -148,7 +149,8 @@ def held_out_loss(model, tok, args) -> float:
     return mean_loss(model, examples, coll, causal_lm_loss, 4)
 
 
-def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompute=True, compile=False) -> dict:
+def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompute=True, compile=False,
+                 share=1.0) -> dict:
     from lmtune import models
     from lmtune.config import FinetuneConfig
     from lmtune.finetune import finetune
@@ -164,7 +166,7 @@ def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompu
                          lora_alpha=32, lora_dropout=0.0, batch_size=4, grad_accum=2, max_length=512,
                          max_steps=args.steps, learning_rate=2e-4, schedule="constant", warmup_steps=0,
                          pack=pack, bf16=args.bf16, save_every=10_000, grad_clip=1.0, group_by_length=group,
-                         activation_checkpointing=ckpt, recompute_elementwise=recompute,
+                         activation_checkpointing=ckpt, checkpoint_share=share, recompute_elementwise=recompute,
                          compile=compile)
     finetune(cfg)
     peak = peak_rss_mb()  # before the held-out evaluation loads a second copy
@@ -175,8 +177,9 @@ def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompu
             "tokens_per_s": sum(r["tokens"] for r in rows[1:]) / dt,
             "peak_rss_mb": peak, "loss": rows[-1]["loss"], "held_out": held_out_loss(model, tok, args),
             "steps": len(rows),
-            "settings": f"bf16={args.bf16} ckpt={ckpt} pack={pack} group={group} chunked={chunked} "
-                        f"recompute={recompute and not ckpt and not compile} compile={compile}"}
+            "settings": f"bf16={args.bf16} ckpt={share if ckpt else False} pack={pack} group={group} "
+                        f"chunked={chunked} recompute={recompute and not (ckpt and share >= 1) and not compile} "
+                        f"compile={compile}"}
 
 
 def _timing_callback(meter, losses):
@@ -267,7 +270,7 @@ def _shakespeare_blocks(block: int):
     return tok, encode_text(text, tok, block)
 
 
-def run_lmtune_b(args, compile: bool = False) -> dict:
+def run_lmtune_b(args, compile: bool = False, recompute: bool = True) -> dict:
     from lmtune.config import PretrainConfig
     from lmtune.pretrain import pretrain
 
@@ -275,7 +278,7 @@ def run_lmtune_b(args, compile: bool = False) -> dict:
     pretrain(PretrainConfig(data=str(DATA / "tinyshakespeare" / "input.txt"), out=str(out), model_size="10m",
                             max_length=256, batch_size=16, max_steps=args.steps, val_split=0.0, bf16=args.bf16,
                             save_every=10_000, warmup_steps=0, schedule="constant", learning_rate=1e-3,
-                            weight_decay=0.1, compile=compile))
+                            weight_decay=0.1, compile=compile, recompute_elementwise=recompute))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     dt = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
     tps = sum(r["target_tokens"] for r in rows[1:]) / dt
@@ -317,7 +320,8 @@ CONTENDERS = {
     "a": [*((name, lambda a, kw=kw: run_lmtune_a(a, **kw)) for name, kw in LADDER.items()),
           ("TRL defaults", lambda a: run_trl_a(a, "defaults")), ("TRL padding_free", lambda a: run_trl_a(a, "padding_free")),
           ("TRL packing", lambda a: run_trl_a(a, "packing")), ("HF Trainer+peft", run_hf_a)],
-    "b": [("lmtune", run_lmtune_b), ("lmtune compile", lambda a: run_lmtune_b(a, compile=True)),
+    "b": [("lmtune", run_lmtune_b), ("lmtune no recompute", lambda a: run_lmtune_b(a, recompute=False)),
+          ("lmtune compile", lambda a: run_lmtune_b(a, compile=True)),
           ("HF Trainer", run_hf_b)],
 }
 
@@ -379,7 +383,7 @@ def _table(w: str, results: dict, flops: float) -> None:
         print(f"{name:<20} {r['target_tokens_per_s']:>12.1f} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} "
               f"{r['loss']:>10.4f} {r.get('held_out', float('nan')):>9.4f}  {r.get('settings', '')}{mfu}")
     peers = [n for n in results if not n.startswith(("lmtune", "+"))]
-    for o in ("lmtune", "lmtune packed", "lmtune compile"):
+    for o in ("+ recompute", "lmtune", "lmtune packed", "lmtune compile"):
         for n in peers if o in results else []:
             r = results[n]
             print(f"{o} / {n}: {results[o]['target_tokens_per_s'] / r['target_tokens_per_s']:.2f}x target tokens/s, "

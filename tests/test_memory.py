@@ -117,3 +117,36 @@ def test_fused_lora_matches_peft(tiny_chat_model):
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_fused, g_plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("share,expect", [(1.0, 4), (0.5, 2), (0.4, 1), (0.25, 1), (0.0, 0)])
+def test_checkpoint_share_picks_layers_evenly(tmp_path, share, expect):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmtune import models
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                         num_attention_heads=2))
+    assert models.enable_activation_checkpointing(model, share) == expect
+
+
+def test_partial_checkpointing_with_recompute_gives_identical_gradients(tiny_chat_model):
+    """Half the layers checkpointed, the other half with element-wise recompute: the same gradients as
+    keeping everything."""
+    from types import SimpleNamespace
+
+    from lmtune import models
+
+    model, tok = _model(tiny_chat_model, lora=True)
+    torch.manual_seed(0)
+    ids = torch.randint(0, len(tok), (2, 20))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    loss_a, plain = _grads(model, batch)
+    models.save_activation_memory(model, SimpleNamespace(activation_checkpointing=True, checkpoint_share=0.5,
+                                                         recompute_elementwise=True, compile=False))
+    layers = model.get_base_model().model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [False, True]
+    loss_b, mixed = _grads(model, batch)
+    assert loss_a == loss_b
+    for k in plain:
+        assert torch.equal(plain[k], mixed[k]), k

@@ -56,9 +56,12 @@ class TrainConfig:
                            choices=("none", "ddp", "fsdp"))
     pack: bool = opt(False, "Pack several examples into each --max-length block (no compute on padding).")
     activation_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    checkpoint_share: float = opt(1.0, "With --activation-checkpointing: the share of decoder layers checkpointed, "
+                                       "spread evenly (floor(share x layers): 0.4 is 12 of 30); the others keep "
+                                       "their activations.", min=0.0, max=1.0)
     recompute_elementwise: bool = opt(True, "Keep matmul outputs but rebuild norm and MLP activations in backward "
-                                            "(bit-identical; ~40%% less activation memory for Llama blocks; off under "
-                                            "--activation-checkpointing or --compile).")
+                                            "(bit-identical; ~40%% less activation memory for Llama blocks; in the "
+                                            "blocks --activation-checkpointing leaves alone; off under --compile).")
     compile: bool = opt(False, "torch.compile the model and loss (pays on long runs of same-shape batches; "
                                 "the first step compiles, about a minute on a CPU).")
     group_by_length: bool = opt(True, "Without --pack: batch rows of similar length together (less padding).")

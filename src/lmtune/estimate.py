@@ -462,9 +462,11 @@ def _baseline_mb() -> list[float]:
 FRAGMENTATION = 0.5  # see predict_memory
 
 
-def _layer_floats(s: Shape, length: int, lora: bool, bf16: bool) -> tuple[float, float]:
+def _layer_floats(s: Shape, length: int, lora: bool, bf16: bool, recompute: bool = False) -> tuple[float, float]:
     """(bytes a decoder layer saves for backward per token, bytes per token of the activations it
-    creates in forward and frees again), counted op by op for a Llama-style layer with SDPA attention."""
+    creates in forward and frees again), counted op by op for a Llama-style layer with SDPA attention.
+    `recompute`: train.memory rebuilds silu(gate), the MLP product and (in fp32, where the projections keep
+    the norm outputs themselves rather than bf16 copies) the norm outputs in backward."""
     h, i, q = s.hidden, s.intermediate, s.heads * s.head_dim
     kv = q if s.kv != q else s.kv  # repeat_kv materialises keys and values at full width for SDPA
     lo = 2 if bf16 else 4          # bytes of what runs in bf16 under autocast (norms stay in fp32)
@@ -472,7 +474,8 @@ def _layer_floats(s: Shape, length: int, lora: bool, bf16: bool) -> tuple[float,
     saved = 2 * 4 * (h + 1 + (h if s.norm_trainable else 0))
     # SDPA keeps q, k, v, its output and logsumexp; the additive padding mask (one row per position)
     saved += lo * (2 * q + 2 * kv) + 4 * (s.heads + length)
-    saved += lo * 3 * i                     # MLP: gate (for silu), silu(gate) and up (for the product)
+    saved += lo * (2 if recompute else 3) * i  # MLP: gate (for silu), silu(gate) and up (for the product)
+    rebuilt = ({"mlp_mid"} | (set() if bf16 else {"attn_in", "mlp_in"})) if recompute else set()
     base = [(t, fin, trained) for t, kind, fin, _, trained in s.linears if kind == "base"]
     inputs = {}                             # distinct inputs of the linears (q/k/v share one, gate/up one)
     for t, fin, trained in base:
@@ -483,7 +486,8 @@ def _layer_floats(s: Shape, length: int, lora: bool, bf16: bool) -> tuple[float,
         if not s.lora_dropout:
             inputs[_input_of(t)][1] = True  # lora_A keeps the (shared) input itself
     # a trained weight needs its input kept (the attention output is kept by SDPA already)
-    saved += sum(lo * fin for name, (fin, kept) in inputs.items() if kept and name != "attn_out")
+    saved += sum(lo * fin for name, (fin, kept) in inputs.items()
+                 if kept and name != "attn_out" and name not in rebuilt)
     r = sum(fout for t, kind, _, fout, _ in s.linears if kind == "A")
     if s.lora_dropout:  # each adapter's dropout: its own mask and masked copy of the input
         saved += sum((4 + lo) * fin for _, fin, _ in adapted)
@@ -520,11 +524,15 @@ def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: boo
     best = None
     for n, length, targets in batches:
         tokens = n * length
-        saved, _ = _layer_floats(s, length, lora, bf16)
-        if ckpt:  # each layer keeps only its input; backward recomputes one layer at a time
-            layers = s.layers * tokens * (4 * s.hidden + 4 * length) + saved * tokens
-        else:
-            layers = s.layers * tokens * saved
+        share = getattr(run, "checkpoint_share", 1.0) if ckpt else 0.0
+        saved, _ = _layer_floats(s, length, lora, bf16,
+                                 getattr(run, "recompute_elementwise", False) and share < 1
+                                 and not getattr(run, "compile", False))
+        full = saved if share >= 1 else _layer_floats(s, length, lora, bf16)[0]
+        # a checkpointed layer keeps only its input, and backward recomputes one layer at a time
+        n_ckpt = int(s.layers * share + 1e-9)  # as models.enable_activation_checkpointing picks them
+        layers = (n_ckpt * tokens * (4 * s.hidden + 4 * length) + (full * tokens if n_ckpt else 0)
+                  + (s.layers - n_ckpt) * tokens * saved)
         layers += tokens * 4 * (2 * s.hidden + 1)  # the final norm
         rows, chunked = _loss_path(s, n, length, targets)
         if chunked:  # target positions' hidden states; one chunk's logits, log-softmax and their gradients
