@@ -8,11 +8,12 @@
     conversational prompt/completion (loss on the completion), batch 4 x accumulation 2, max length 512,
     one epoch (steps x 8 records) so every contender trains on the same rows. Contenders: lmtune's
     optimisation ladder (baseline: random padded batches and full logits; + length grouping; + chunked
-    loss; + activation checkpointing = "lmtune"; packing instead of grouping; + torch.compile), TRL
+    loss; + element-wise recompute = lmtune's defaults; + checkpointing 40% of the layers = "lmtune";
+    + full activation checkpointing; packing instead of grouping; + torch.compile), TRL
     SFTTrainer (its defaults; padding_free=True; packing=True) and the HF Trainer + peft.
 (b) pretraining a ~10M-parameter Llama-style model from scratch on tinyshakespeare (lmtune's BPE
-    tokenizer, 256-token blocks, batch 16): lmtune (eager and compiled) against the HF Trainer on the
-    same config and blocks.
+    tokenizer, 256-token blocks, batch 16): lmtune (eager, eager without element-wise recompute, and
+    compiled) against the HF Trainer on the same config and blocks.
 
 Each contender runs in its own process, one after the other, so peak resident memory is its own.
 Reported: target (loss-bearing) tokens/s and all non-padding tokens/s over steps 2..N (step 1 warms
