@@ -3,6 +3,7 @@
     python bench/throughput.py            # workloads (a) and (b), 8 optimizer steps each contender
     python bench/throughput.py --quick    # lmtune and the strongest peer, 3 steps, a few minutes
     python bench/throughput.py --workload a --steps 12 --bf16
+    python bench/throughput.py --workload a --repeat 3   # three alternating rounds, the median run of each
 
 (a) SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, Alpaca records from ../shared/data/alpaca as
     conversational prompt/completion (loss on the completion), batch 4 x accumulation 2, max length 512,
@@ -336,6 +337,7 @@ def main():
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--quick", action="store_true", help="3 steps, 24 records, lmtune and the strongest peer")
     p.add_argument("--only", default="", help="comma-separated contender names (default: all)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of all contenders; each reports its median run (the lower of two)")
     p.add_argument("--run", help=argparse.SUPPRESS)  # internal: workload:contender in a child process
     args = p.parse_args()
     if args.quick:
@@ -356,20 +358,26 @@ def main():
             names = ["lmtune", "TRL padding_free"] if w == "a" else ["lmtune", "HF Trainer"]
         if args.only:
             names = [n for n in names if n in args.only.split(",")]
-        results = {}
-        for name in names:
-            cmd = [sys.executable, __file__, "--run", f"{w}:{name}", "--steps", str(args.steps),
-                   "--records", str(args.records)] + (["--bf16"] if args.bf16 else [])
-            t0 = time.perf_counter()
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-                hint = " (make bench-setup installs the peers)" if "ModuleNotFoundError" in last else ""
-                print(f"  {name}: failed: {last}{hint}", flush=True)
-                continue
-            results[name] = {**json.loads(line[0][7:]), "wall_s": time.perf_counter() - t0}
-            print(f"  ran {name} in {results[name]['wall_s']:.0f}s", flush=True)
+        runs: dict[str, list[dict]] = {}
+        for round_ in range(args.repeat):  # rounds alternate the contenders: A B C, A B C, ...
+            for name in names:
+                cmd = [sys.executable, __file__, "--run", f"{w}:{name}", "--steps", str(args.steps),
+                       "--records", str(args.records)] + (["--bf16"] if args.bf16 else [])
+                t0 = time.perf_counter()
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+                if not line:
+                    last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+                    hint = " (make bench-setup installs the peers)" if "ModuleNotFoundError" in last else ""
+                    print(f"  {name}: failed: {last}{hint}", flush=True)
+                    continue
+                res = {**json.loads(line[0][7:]), "wall_s": time.perf_counter() - t0}
+                runs.setdefault(name, []).append(res)
+                print(f"  ran {name} in {res['wall_s']:.0f}s: {res['target_tokens_per_s']:.1f} target tok/s, "
+                      f"{res['peak_rss_mb']:.0f} MB", flush=True)
+        # with --repeat: each contender's median run by speed (its own memory with it), so one slow or
+        # fast moment of a shared machine does not decide a ratio
+        results = {n: sorted(rs, key=lambda r: r["target_tokens_per_s"])[(len(rs) - 1) // 2] for n, rs in runs.items()}
         _table(w, results, flops)
 
 
