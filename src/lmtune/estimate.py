@@ -522,15 +522,14 @@ def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: boo
     optim = per_param[run.optimizer] * s.trainable
     grads = 4 * s.trainable
     best = None
+    share = getattr(run, "checkpoint_share", 1.0) if ckpt else 0.0
+    n_ckpt = int(s.layers * share + 1e-9)  # as models.enable_activation_checkpointing picks them
+    recompute = getattr(run, "recompute_elementwise", False) and share < 1 and not getattr(run, "compile", False)
     for n, length, targets in batches:
         tokens = n * length
-        share = getattr(run, "checkpoint_share", 1.0) if ckpt else 0.0
-        saved, _ = _layer_floats(s, length, lora, bf16,
-                                 getattr(run, "recompute_elementwise", False) and share < 1
-                                 and not getattr(run, "compile", False))
-        full = saved if share >= 1 else _layer_floats(s, length, lora, bf16)[0]
+        saved, _ = _layer_floats(s, length, lora, bf16, recompute)
+        full = _layer_floats(s, length, lora, bf16)[0] if recompute else saved
         # a checkpointed layer keeps only its input, and backward recomputes one layer at a time
-        n_ckpt = int(s.layers * share + 1e-9)  # as models.enable_activation_checkpointing picks them
         layers = (n_ckpt * tokens * (4 * s.hidden + 4 * length) + (full * tokens if n_ckpt else 0)
                   + (s.layers - n_ckpt) * tokens * saved)
         layers += tokens * 4 * (2 * s.hidden + 1)  # the final norm

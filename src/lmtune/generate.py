@@ -32,7 +32,8 @@ def generate(cfg: GenerateConfig) -> str:
     # the model's own stop tokens, as HF's generate uses them (generation_config, else the tokenizer's EOS)
     eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
     eos = [tokenizer.eos_token_id] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    decoder = Decoder(model, compile=cfg.compile, quantize=cfg.quantize)  # a LoRA adapter is merged into the weights for inference
+    # a LoRA adapter is merged into the weights for inference
+    decoder = Decoder(model, compile=cfg.compile, quantize=cfg.quantize)
     out = decoder.generate([ids], cfg.max_new_tokens, eos_ids=[e for e in eos if e is not None],
                            pad_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, seed=cfg.seed)

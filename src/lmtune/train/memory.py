@@ -109,9 +109,8 @@ def recompute_elementwise(model: torch.nn.Module) -> int:
             m.forward = types.MethodType(mlp_forward, m)
             patched += 1
         elif _is_norm(m):
-            def norm_hook(module, args, out):
-                if tags.active and not getattr(module, "_lmtune_recomputing", False):
-                    tags.tag(out, lambda x, mod=module: _run_untagged(mod, x), args[0].detach())
+            def norm_hook(module, args, out):  # backward's rebuild runs the module again, untagged (inactive)
+                tags.tag(out, module, args[0].detach())
             m.register_forward_hook(norm_hook)
             patched += 1
     if not patched:
@@ -132,12 +131,3 @@ def recompute_elementwise(model: torch.nn.Module) -> int:
             tags.by_address.clear()
     inner.forward = decoder_forward
     return patched
-
-
-def _run_untagged(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    module._lmtune_recomputing = True
-    try:
-        return module(x)
-    finally:
-        module._lmtune_recomputing = False
-
