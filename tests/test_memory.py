@@ -150,3 +150,27 @@ def test_partial_checkpointing_with_recompute_gives_identical_gradients(tiny_cha
     assert loss_a == loss_b
     for k in plain:
         assert torch.equal(plain[k], mixed[k]), k
+
+
+def test_frozen_weights_in_bf16_give_identical_gradients_under_autocast(tiny_chat_model):
+    """A LoRA base stored in bf16 gives the bf16 values autocast would cast at every use: same loss, same
+    gradients, bit for bit; the tied embedding/head and the norms stay fp32."""
+    from lmtune.train import memory
+
+    model, tok = _model(tiny_chat_model, lora=True)
+    torch.manual_seed(0)
+    ids = torch.randint(0, len(tok), (3, 24))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    loss_a, plain = _grads(model, batch, bf16=True)
+    frozen = sum(p.numel() for n, p in model.named_parameters() if "base_layer" in n)
+    assert memory.frozen_weights_bf16(model) == 2 * frozen > 0
+    loss_b, cast = _grads(model, batch, bf16=True)
+    assert loss_a == loss_b
+    assert plain.keys() == cast.keys() and plain
+    for k in plain:
+        assert torch.equal(plain[k], cast[k]), k
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "base_layer" in n)
+    assert all(d == torch.float32 for n, d in dtypes.items() if "norm" in n or "embed" in n or "lora_" in n)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # generation runs under autocast too
+        assert model.eval().generate(ids[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)

@@ -543,7 +543,10 @@ def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: boo
         if best is None or act + transient > best[0] + best[1]:
             best = (act, transient + head_grad)
     act, transient = best
-    cast = 2 * s.matmul_params if bf16 else 0  # autocast's bf16 copies of the weights, kept for backward
+    # autocast's bf16 copies of the weights, kept for backward; a LoRA base is stored in bf16 instead (finetune)
+    frozen_bf16 = s.frozen_matmul if bf16 and lora and getattr(run, "distributed", "none") != "fsdp" else 0
+    weights -= 2 * frozen_bf16
+    cast = 2 * (s.matmul_params - frozen_bf16) if bf16 else 0
     resident, import_peak = base_mb
     # the tokenizer (about 1 KB per vocabulary entry for fast tokenizers) and the first steps' one-off
     # allocations (thread pools, autograd engine)

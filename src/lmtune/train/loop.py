@@ -252,7 +252,7 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
             # 5. validate
             done = step + 1 == steps
             if evaluate and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-                with distributed.gathered(engine):
+                with distributed.gathered(engine), autocast:  # validation in the training precision
                     metrics = evaluate(model)
                 model.train()
                 log.write({"step": step + 1, **metrics})

@@ -131,3 +131,32 @@ def recompute_elementwise(model: torch.nn.Module) -> int:
             tags.by_address.clear()
     inner.forward = decoder_forward
     return patched
+
+
+def frozen_weights_bf16(model: torch.nn.Module) -> int:
+    """Store the frozen nn.Linear weights (a LoRA base) in bf16, for training under bf16 autocast; returns
+    the bytes saved.
+
+    Autocast casts an fp32 weight to bf16 at every forward (and keeps that copy for backward), so a frozen
+    fp32 weight costs 4 bytes kept + 2 bytes cast, and a cast kernel per use. Stored in bf16 it costs 2 and
+    no kernel, and every matmul gets exactly the bf16 values autocast would have made (round to nearest
+    even both ways): the losses and gradients are bit-identical. Weights that autocast does not cast stay
+    as they are: norms, embeddings and an output layer tied to the embeddings. The model must then run
+    under bf16 autocast (the training loop validates under it too); LoRA checkpoints and adapters hold
+    only trained weights, so nothing saved changes.
+    """
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    saved = 0
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and not m.weight.requires_grad and id(m.weight) not in tied \
+                and m.weight.dtype == torch.float32:
+            for name in ("weight", "bias"):
+                p = getattr(m, name)
+                if p is not None and not p.requires_grad:
+                    saved += p.numel() * 2
+                    setattr(m, name, torch.nn.Parameter(p.detach().bfloat16(), requires_grad=False))
+    if saved:  # the other weights may still be views of the checkpoint file's mapping, which would then keep
+        for p in model.parameters():  # the fp32 matrices' pages resident: give them memory of their own
+            if p.dtype == torch.float32:
+                p.data = p.data.clone()
+    return saved
