@@ -174,3 +174,35 @@ def test_frozen_weights_in_bf16_give_identical_gradients_under_autocast(tiny_cha
     assert all(d == torch.float32 for n, d in dtypes.items() if "norm" in n or "embed" in n or "lora_" in n)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # generation runs under autocast too
         assert model.eval().generate(ids[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+_GROWING_HOLES = """
+import sys, torch
+from lmtune.train.memory import set_mmap_threshold
+def rss():
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmRSS")) / 1024
+print(set_mmap_threshold(float(sys.argv[1])))
+first = torch.ones(24 * 2**18)  # 24 MB, freed: glibc's default threshold rises to 24 MB
+del first
+start, pins = rss(), []
+for mb in range(10, 20):  # ever larger blocks, each freed after a small one was allocated
+    x = torch.ones(mb * 2**18)
+    pins.append(torch.ones(1000))
+    del x
+print(rss() - start)
+"""
+
+
+@pytest.mark.parametrize("mb", [0, 8])
+def test_mmap_threshold_keeps_freed_blocks_from_staying_resident(mb):
+    """Blocks of 10-19 MB, allocated and freed one after the other: from the heap (glibc's default once a
+    24 MB block was freed) the freed space stays resident (~19 MB measured); mapped (threshold 8 MB) it goes
+    back to the system."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _GROWING_HOLES, str(mb)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == str(bool(mb))
+    grew = float(out[1])
+    assert (grew < 5) if mb else (grew > 15), grew

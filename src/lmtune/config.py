@@ -62,6 +62,10 @@ class TrainConfig:
     recompute_elementwise: bool = opt(True, "Keep matmul outputs but rebuild norm and MLP activations in backward "
                                             "(bit-identical; ~40%% less activation memory for Llama blocks; in the "
                                             "blocks --activation-checkpointing leaves alone; off under --compile).")
+    mmap_threshold_mb: float = opt(8.0, "CPU memory (glibc): blocks of at least this many MB get their own memory map, "
+                                        "returned to the system when freed, so freed activations leave no heap holes "
+                                        "(about 10-15%% lower peak RSS for 1-3%% speed); 0 keeps glibc's default.",
+                                   min=0.0, max=32.0)
     compile: bool = opt(False, "torch.compile the model and loss (pays on long runs of same-shape batches; "
                                 "the first step compiles, about a minute on a CPU).")
     group_by_length: bool = opt(True, "Without --pack: batch rows of similar length together (less padding).")

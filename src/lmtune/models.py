@@ -190,9 +190,13 @@ def enable_activation_checkpointing(model, share: float = 1.0) -> int:
 
 
 def save_activation_memory(model, cfg) -> None:
-    """--activation-checkpointing (recompute whole blocks; --checkpoint-share of them) and/or
+    """--mmap-threshold-mb (the C allocator's policy for large blocks), --activation-checkpointing
+    (recompute whole blocks; --checkpoint-share of them) and/or
     --recompute-elementwise (rebuild norms and activation functions in the blocks that keep their
     activations; not under --compile, whose graphs take no saved-tensor hooks)."""
+    from lmtune.train.memory import set_mmap_threshold
+
+    set_mmap_threshold(getattr(cfg, "mmap_threshold_mb", 0.0))
     share = cfg.checkpoint_share if cfg.activation_checkpointing else 0.0
     if share > 0:
         enable_activation_checkpointing(model, share)
@@ -307,6 +311,9 @@ def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None =
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
+            from lmtune.fused import fuse_lora
+
+            fuse_lora(model)  # as attach_task_lora: a loaded adapter trains and predicts as fast as a new one
     except (OSError, ValueError) as e:
         for_task = f" for --task {task}" if task else ""
         raise LmtuneError(f"could not load model '{name}'{for_task}: {str(e).splitlines()[0]}") from None
