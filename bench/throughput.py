@@ -9,8 +9,8 @@
     conversational prompt/completion (loss on the completion), batch 4 x accumulation 2, max length 512,
     one epoch (steps x 8 records) so every contender trains on the same rows. Contenders: lmtune's
     optimisation ladder (baseline: random padded batches and full logits; + length grouping; + chunked
-    loss; + element-wise recompute = lmtune's defaults; + checkpointing 40% of the layers = "lmtune";
-    + full activation checkpointing; packing instead of grouping; + torch.compile), TRL
+    loss; + element-wise recompute; + glibc mmap threshold 8 MB = lmtune's defaults; + checkpointing 40%
+    of the layers = "lmtune"; + full activation checkpointing; packing instead of grouping; + compile), TRL
     SFTTrainer (its defaults; padding_free=True; packing=True) and the HF Trainer + peft.
 (b) pretraining a ~10M-parameter Llama-style model from scratch on tinyshakespeare (lmtune's BPE
     tokenizer, 256-token blocks, batch 16): lmtune (eager, eager without element-wise recompute, and
@@ -122,10 +122,12 @@ class Meter:
 # lmtune's optimisation ladder on workload (a), each rung adding one thing to the one before (as
 # torchtune's); "lmtune" is the configuration we compare with the peers (the last fp32 rung).
 LADDER = {
-    "lmtune baseline": dict(group=False, chunked=False, recompute=False),  # random padded batches, full logits
-    "+ length grouping": dict(group=True, chunked=False, recompute=False),
-    "+ chunked loss": dict(group=True, chunked=True, recompute=False),
-    "+ recompute": dict(group=True, chunked=True),             # + element-wise recompute: lmtune's defaults
+    # random padded batches, full logits, glibc's default allocator policy
+    "lmtune baseline": dict(group=False, chunked=False, recompute=False, mmap=0.0),
+    "+ length grouping": dict(group=True, chunked=False, recompute=False, mmap=0.0),
+    "+ chunked loss": dict(group=True, chunked=True, recompute=False, mmap=0.0),
+    "+ recompute": dict(group=True, chunked=True, mmap=0.0),   # + element-wise recompute
+    "+ mmap threshold": dict(group=True, chunked=True),        # + --mmap-threshold-mb 8: lmtune's defaults
     "lmtune": dict(group=True, chunked=True, ckpt=True, share=0.4),  # + checkpointing 40% of the layers
     "+ full ckpt": dict(group=True, chunked=True, ckpt=True),   # every layer checkpointed
     "lmtune packed": dict(pack=True, chunked=True, ckpt=True),     # packing instead of grouping
@@ -152,7 +154,7 @@ def held_out_loss(model, tok, args) -> float:
 
 
 def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompute=True, compile=False,
-                 share=1.0) -> dict:
+                 share=1.0, mmap=8.0) -> dict:
     from lmtune import models
     from lmtune.config import FinetuneConfig
     from lmtune.finetune import finetune
@@ -169,7 +171,7 @@ def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompu
                          max_steps=args.steps, learning_rate=2e-4, schedule="constant", warmup_steps=0,
                          pack=pack, bf16=args.bf16, save_every=10_000, grad_clip=1.0, group_by_length=group,
                          activation_checkpointing=ckpt, checkpoint_share=share, recompute_elementwise=recompute,
-                         compile=compile)
+                         compile=compile, mmap_threshold_mb=mmap)
     finetune(cfg)
     peak = peak_rss_mb()  # before the held-out evaluation loads a second copy
     rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -181,7 +183,7 @@ def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompu
             "steps": len(rows),
             "settings": f"bf16={args.bf16} ckpt={share if ckpt else False} pack={pack} group={group} "
                         f"chunked={chunked} recompute={recompute and not (ckpt and share >= 1) and not compile} "
-                        f"compile={compile}"}
+                        f"compile={compile} mmap={mmap}"}
 
 
 def _timing_callback(meter, losses):
@@ -392,7 +394,7 @@ def _table(w: str, results: dict, flops: float) -> None:
         print(f"{name:<20} {r['target_tokens_per_s']:>12.1f} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} "
               f"{r['loss']:>10.4f} {r.get('held_out', float('nan')):>9.4f}  {r.get('settings', '')}{mfu}")
     peers = [n for n in results if not n.startswith(("lmtune", "+"))]
-    for o in ("+ recompute", "lmtune", "lmtune packed", "lmtune compile"):
+    for o in ("+ mmap threshold", "lmtune", "lmtune packed", "lmtune compile"):
         for n in peers if o in results else []:
             r = results[n]
             print(f"{o} / {n}: {results[o]['target_tokens_per_s'] / r['target_tokens_per_s']:.2f}x target tokens/s, "
