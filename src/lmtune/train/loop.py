@@ -273,14 +273,16 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
                     log.write({"step": step + 1, "early_stopped": True, f"best_{metric}": best})
                     done = True
             # 6. checkpoint (also when asked to stop: a signal to any rank stops them all)
-            if w.size > 1:
-                stop.signal = stop.signal or ("SIGTERM" if distributed.all_sum([bool(stop.signal)])[0] else None)
-            if (step + 1) % cfg.save_every == 0 or done or stop.signal:
+            #    Every rank decides on the same value: a signal that lands after the all_sum waits for the
+            #    next step (read directly, it could send one rank into the checkpoint's collectives while
+            #    the others go on to the next step, and they would wait on each other)
+            stopping = bool(distributed.all_sum([bool(stop.signal)])[0]) if w.size > 1 else bool(stop.signal)
+            if (step + 1) % cfg.save_every == 0 or done or stopping:
                 save_checkpoint(out, step + 1, model, optimizer, scheduler, cfg.keep_checkpoints)
-            if stop.signal and not done:
+            if stopping and not done:
                 bar.close()
-                raise Interrupted(f"stopped by {stop.signal} after step {step + 1} of {steps}; checkpoint saved. "
-                                  f"Resume with: {resume_command or 'the same command'} --resume")
+                raise Interrupted(f"stopped by {stop.signal or 'SIGTERM'} after step {step + 1} of {steps}; "
+                                  f"checkpoint saved. Resume with: {resume_command or 'the same command'} --resume")
             if done:  # the last step, or stopped early
                 break
     bar.close()
