@@ -143,7 +143,8 @@ def test_partial_checkpointing_with_recompute_gives_identical_gradients(tiny_cha
     batch = {"input_ids": ids, "labels": ids.clone()}
     loss_a, plain = _grads(model, batch)
     models.save_activation_memory(model, SimpleNamespace(activation_checkpointing=True, checkpoint_share=0.5,
-                                                         recompute_elementwise=True, compile=False))
+                                                         recompute_elementwise=True, compile=False,
+                                                         mmap_threshold_mb=0.0, bf16=False))
     layers = model.get_base_model().model.layers
     assert [layer.gradient_checkpointing for layer in layers] == [False, True]
     loss_b, mixed = _grads(model, batch)

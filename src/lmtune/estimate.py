@@ -557,7 +557,7 @@ def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: boo
     # with --mmap-threshold-mb, activations at least that big are mapped and unmapped, leaving no holes
     # (SmolLM2-135M LoRA: peak 2400 MB against 2410 MB of live tensors); smaller ones still fragment
     threshold = getattr(run, "mmap_threshold_mb", 0.0) * MB
-    widest = 4 * max(n * length for n, length, _ in batches) * max(s.hidden, s.intermediate) if batches else 0
+    widest = 4 * max(n * length for n, length, _ in batches) * max(s.hidden, s.intermediate)
     fragmentation = 0.0 if threshold and widest >= threshold else FRAGMENTATION
     parts["peak"] = max(import_peak, resident + (in_use + fragmentation * act) / MB)
     return parts

@@ -84,10 +84,6 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
         model = models.attach_task_lora(model, meta["head"], cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                         cfg.lora_targets)
     models.save_activation_memory(model, cfg)
-    if cfg.bf16 and cfg.lora and distributed.world().mode != "fsdp":  # FSDP2 shards need one dtype
-        from lmtune.train.memory import frozen_weights_bf16
-
-        frozen_weights_bf16(model)  # what autocast would cast at every use, cast once (bit-identical)
     total, trainable = models.count_parameters(model)
     if distributed.world().is_main:
         packed = f" packed into {len(examples)} blocks of {cfg.max_length}" if cfg.pack else ""

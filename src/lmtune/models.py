@@ -193,17 +193,20 @@ def save_activation_memory(model, cfg) -> None:
     """--mmap-threshold-mb (the C allocator's policy for large blocks), --activation-checkpointing
     (recompute whole blocks; --checkpoint-share of them) and/or
     --recompute-elementwise (rebuild norms and activation functions in the blocks that keep their
-    activations; not under --compile, whose graphs take no saved-tensor hooks)."""
-    from lmtune.train.memory import set_mmap_threshold
+    activations; not under --compile, whose graphs take no saved-tensor hooks); under --bf16, frozen
+    weights (a LoRA base) stored in bf16, as autocast would cast them at every use (not under FSDP2,
+    whose shards need one dtype)."""
+    from lmtune.train import distributed
+    from lmtune.train.memory import frozen_weights_bf16, recompute_elementwise, set_mmap_threshold
 
-    set_mmap_threshold(getattr(cfg, "mmap_threshold_mb", 0.0))
+    set_mmap_threshold(cfg.mmap_threshold_mb)
     share = cfg.checkpoint_share if cfg.activation_checkpointing else 0.0
     if share > 0:
         enable_activation_checkpointing(model, share)
     if share < 1 and cfg.recompute_elementwise and not cfg.compile:
-        from lmtune.train.memory import recompute_elementwise
-
         recompute_elementwise(model)
+    if cfg.bf16 and distributed.world().mode != "fsdp":
+        frozen_weights_bf16(model)
 
 
 def count_parameters(model) -> tuple[int, int]:
