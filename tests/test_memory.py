@@ -52,12 +52,20 @@ def test_recompute_elementwise_gives_identical_gradients(tiny_chat_model, lora, 
         memory._Tags.pack = pack
     recipes = [u for u in used if isinstance(u, memory._Recipe)]
     # per block: the two norm outputs (kept by q/k/v and gate/up, or their LoRA A), act(gate) and act*up;
-    # under bf16 autocast the projections keep their own bf16 copies of the norm outputs instead
-    assert len(recipes) >= (1 if bf16 else 3 * model.config.num_hidden_layers)
+    # under bf16 autocast the norm outputs are cast to bf16 once, and that copy is the recipe's
+    assert len(recipes) >= 3 * model.config.num_hidden_layers
     assert loss_a == loss_b
     assert plain.keys() == recomputed.keys() and plain
+    if not bf16:
+        for k in plain:
+            assert torch.equal(plain[k], recomputed[k]), k
+        return
+    # bf16: the same forward values, but the gradients of the one bf16 copy of a norm's output are summed
+    # in bf16 (autocast's own copies sum theirs in fp32): within bf16's rounding of the fp32 gradients
+    _, exact = _grads(model, batch)  # fp32
     for k in plain:
-        assert torch.equal(plain[k], recomputed[k]), k
+        rounding = (plain[k] - exact[k]).norm()
+        assert (recomputed[k] - exact[k]).norm() <= 1.5 * rounding + 1e-6, k
 
 
 def test_recompute_elementwise_saves_fewer_bytes(tiny_chat_model):

@@ -465,8 +465,8 @@ FRAGMENTATION = 0.5  # see predict_memory
 def _layer_floats(s: Shape, length: int, lora: bool, bf16: bool, recompute: bool = False) -> tuple[float, float]:
     """(bytes a decoder layer saves for backward per token, bytes per token of the activations it
     creates in forward and frees again), counted op by op for a Llama-style layer with SDPA attention.
-    `recompute`: train.memory rebuilds silu(gate), the MLP product and (in fp32, where the projections keep
-    the norm outputs themselves rather than bf16 copies) the norm outputs in backward."""
+    `recompute`: train.memory rebuilds silu(gate), the MLP product and the norm outputs (under bf16, the
+    one bf16 copy the projections share) in backward."""
     h, i, q = s.hidden, s.intermediate, s.heads * s.head_dim
     kv = q if s.kv != q else s.kv  # repeat_kv materialises keys and values at full width for SDPA
     lo = 2 if bf16 else 4          # bytes of what runs in bf16 under autocast (norms stay in fp32)
@@ -475,7 +475,7 @@ def _layer_floats(s: Shape, length: int, lora: bool, bf16: bool, recompute: bool
     # SDPA keeps q, k, v, its output and logsumexp; the additive padding mask (one row per position)
     saved += lo * (2 * q + 2 * kv) + 4 * (s.heads + length)
     saved += lo * (2 if recompute else 3) * i  # MLP: gate (for silu), silu(gate) and up (for the product)
-    rebuilt = ({"mlp_mid"} | (set() if bf16 else {"attn_in", "mlp_in"})) if recompute else set()
+    rebuilt = {"mlp_mid", "attn_in", "mlp_in"} if recompute else set()
     base = [(t, fin, trained) for t, kind, fin, _, trained in s.linears if kind == "base"]
     inputs = {}                             # distinct inputs of the linears (q/k/v share one, gate/up one)
     for t, fin, trained in base:

@@ -23,7 +23,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = names[0] if len(names) == 1 else None
     if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
             or name in getattr(self, "lora_variant", {}) or self.lora_B[name].bias is not None
-            or not isinstance(self.base_layer, torch.nn.Linear) or x.dtype != self.lora_A[name].weight.dtype):
+            or not isinstance(self.base_layer, torch.nn.Linear)
+            or (x.dtype != self.lora_A[name].weight.dtype and not torch.is_autocast_enabled(x.device.type))):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     a = self.lora_A[name](self.lora_dropout[name](x))

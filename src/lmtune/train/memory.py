@@ -11,6 +11,13 @@ decoder's forward stores a recipe (function + inputs that are kept anyway) inste
 backward runs the recipe when it needs the value. Unlike activation checkpointing no matrix multiply runs
 twice, and the results are bit-identical. For SmolLM2-135M with LoRA it removes about 40% of the saved
 activations.
+
+Under bf16 autocast every projection would cast the fp32 norm output to bf16 on its own and keep that copy
+(with LoRA, q, k, v and their A matrices: six copies of one tensor, none of them a tagged one). There the
+norm's output is cast once, that bf16 copy is what is tagged, and the projections share it: the same
+forward values, but its gradients from several readers are summed in bf16 instead of fp32 (measured on
+SmolLM2-135M LoRA: the gradients' error against fp32 gradients 5.80% instead of 5.74%). On bench (a) in
+bf16 this took peak RSS from 2764-2803 to 2216-2268 MB, with the same held-out loss.
 """
 
 from __future__ import annotations
@@ -96,10 +103,17 @@ def _is_norm(m: torch.nn.Module) -> bool:
     return type(m).__name__.endswith("RMSNorm") or isinstance(m, torch.nn.LayerNorm)
 
 
+PRE_NORM_DECODERS = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def recompute_elementwise(model: torch.nn.Module) -> int:
     """Patch `model` in place (norms, gated MLPs and the decoder's forward); returns how many modules
     were patched (0: nothing to gain, the model is left as it was)."""
     tags, patched = _Tags(), 0
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # in these pre-norm decoders a norm's output is read only by projections (never by a residual add, as in
+    # BERT's post-norm or Gemma 2's sandwich norms), so it can be handed on already cast
+    cast_once = getattr(getattr(base, "config", None), "model_type", "") in PRE_NORM_DECODERS
     for m in model.modules():
         if _is_swiglu_mlp(m):
             def mlp_forward(self, x):  # the same computation as LlamaMLP.forward
@@ -113,12 +127,22 @@ def recompute_elementwise(model: torch.nn.Module) -> int:
             patched += 1
         elif _is_norm(m):
             def norm_hook(module, args, out):  # backward's rebuild runs the module again, untagged (inactive)
+                if not tags.active:
+                    return None
+                kind = out.device.type
+                if cast_once and out.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+                    # under autocast each projection reading the norm casts it again (q, k, v, a LoRA A:
+                    # up to six casts, each kept for backward): cast once here, to the same values
+                    dtype = torch.get_autocast_dtype(kind)
+                    out = out.to(dtype)
+                    tags.tag(out, lambda x, f=module, t=dtype: f(x).to(t), args[0].detach())
+                    return out
                 tags.tag(out, module, args[0].detach())
+                return None
             m.register_forward_hook(norm_hook)
             patched += 1
     if not patched:
         return 0
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = base.get_decoder() if hasattr(base, "get_decoder") else base
     forward = inner.forward
 
