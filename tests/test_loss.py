@@ -46,6 +46,46 @@ def test_chunked_loss_equals_plain_cross_entropy(monkeypatch, small_logits):
         assert torch.allclose(ours[k], p.grad, atol=1e-6), k
 
 
+def test_frozen_output_layer_is_cast_once_per_batch_under_autocast(monkeypatch):
+    """A frozen output layer (LoRA) is cast to bf16 once per batch, not per chunk: the same loss and
+    gradients to the bit as autocast's own per-chunk casts, and one cast of the matrix instead of 2 x chunks."""
+    monkeypatch.setattr(L, "CHUNK", 7)
+    monkeypatch.setattr(L, "SMALL_LOGITS", 0)
+    model, batch = _model(), collate(_examples(), pad_id=0)
+    for n_, p in model.named_parameters():
+        p.requires_grad_("layers.1" in n_)  # the output layer frozen, as in a LoRA run
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountHeadCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape == model.lm_head.weight.shape:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def run():
+        model.zero_grad()
+        with CountHeadCasts() as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+            s, n = L.causal_lm_loss(model, batch)
+            (s / n).backward()
+        return s.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, casts.n
+
+    with monkeypatch.context() as m:
+        m.setattr(L, "_frozen_head_cast", lambda head: head)  # autocast's own casts
+        s_auto, g_auto, casts_auto = run()
+    s_once, g_once, casts_once = run()
+    n_chunks = -(-int((batch["labels"][:, 1:] != -100).sum()) // 7)
+    assert casts_auto == 2 * n_chunks and casts_once == 1
+    assert torch.equal(s_auto, s_once)
+    assert g_auto.keys() == g_once.keys() and g_auto
+    for k in g_auto:
+        assert torch.equal(g_auto[k], g_once[k]), k
+
+
 def test_accumulation_normalised_by_target_tokens(tmp_path):
     """One step of 2 micro-batches x 3 rows (different target counts) moves the weights exactly as
     one step of 1 x 6 rows: every target token weighs the same."""

@@ -12,6 +12,8 @@ no gather of target positions, which also lets torch.compile (--compile) see one
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -32,6 +34,19 @@ def _chunk_loss(head, hidden, targets):
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def _frozen_head_cast(head):
+    """Under autocast, a frozen output layer as the autocast-dtype layer autocast would make at each chunk.
+
+    Autocast caches the casts of trainable weights only: a frozen one (the output layer of a LoRA run,
+    tied to the embeddings, 49,152 x 576 for SmolLM2) would be cast again for every chunk, in forward and
+    in backward's recompute, each time a fresh 56 MB copy. Cast once per batch here, to the same values."""
+    kind = head.weight.device.type
+    if (type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad
+            or not torch.is_autocast_enabled(kind) or head.weight.dtype != torch.float32):
+        return head
+    return functools.partial(F.linear, weight=head.weight.to(torch.get_autocast_dtype(kind)))
+
+
 def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of target tokens) for one batch."""
     decoder, head = _parts(model)
@@ -50,6 +65,7 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
         return total, int((targets != IGNORE).sum())
     keep = targets != IGNORE
     hidden, targets = hidden[:, :-1][keep], targets[keep]
+    head = _frozen_head_cast(head)
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, targets.numel(), CHUNK):
         h, t = hidden[i:i + CHUNK], targets[i:i + CHUNK]
