@@ -130,3 +130,24 @@ def test_predict_in_length_sorted_batches_keeps_input_order(which, tiny):
             assert b["label"] == a["label"]
     # the rows really differ, so a result in the wrong place would show
     assert len({round(a["probabilities"]["pos"], 4) for a in alone}) > len(rows) // 2
+
+
+def test_evaluation_loss_equals_the_training_loss_on_the_same_rows(tiny):
+    """evaluate() gives the validation loss from its own pass (no second pass over the dev rows): the
+    cross-entropy per row that the training loss gives on the same rows."""
+    import torch
+
+    from lmtune.config import FinetuneConfig
+    from lmtune.tasks import classify
+    from lmtune.train.loop import mean_loss
+
+    cfg = FinetuneConfig(task="classify", model=str(tiny), data="-", out="-", batch_size=3)
+    rows = [{"text": " ".join(["good", "bad", "film"][k % 3] for k in range(n)), "label": "neg" if n % 3 else "pos"}
+            for n in (4, 1, 9, 3, 6, 2, 8)]
+    torch.manual_seed(0)
+    model, tok, meta = classify.load(str(tiny), cfg, train_rows=rows)
+    result = classify.evaluate(model, tok, rows, cfg, meta)
+    examples = classify.encode(rows, tok, cfg, meta, "")
+    expected = mean_loss(model, examples, classify.collate(tok, meta), classify.loss, cfg.batch_size)
+    assert result["loss"] == pytest.approx(expected, abs=1e-5)
+    assert result["loss"] > 0 and 0 <= result["accuracy"] <= 100

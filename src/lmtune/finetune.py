@@ -97,11 +97,10 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     coll = task.collate(tokenizer, meta)
 
     def evaluate(m) -> dict:  # validation loss and the task's own metrics (numbers only)
-        scores = {"val_loss": mean_loss(m, eval_examples, coll, task.loss, cfg.batch_size)}
-        if task.METRICS:
-            result = task.evaluate(m, tokenizer, eval_rows, cfg, meta)
-            scores.update({f"val_{k}": float(result[k]) for k in task.METRICS})
-        return scores
+        result = task.evaluate(m, tokenizer, eval_rows, cfg, meta) if task.METRICS else {}
+        # a task whose evaluation pass also gives the loss (classify) saves a second pass over the rows
+        loss = result["loss"] if "loss" in result else mean_loss(m, eval_examples, coll, task.loss, cfg.batch_size)
+        return {"val_loss": float(loss), **{f"val_{k}": float(result[k]) for k in task.METRICS}}
 
     last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate if eval_rows else None,
                resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"),

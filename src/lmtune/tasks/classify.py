@@ -95,8 +95,8 @@ def loss(model, batch: dict):
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
 
 
-def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
-    """{label, probabilities} per row."""
+def _log_probs(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list:
+    """Log-probabilities over the label set, one row of floats per input row, in input order."""
     import torch
 
     examples = encode([{cfg.text_column: r[cfg.text_column]} for r in rows], tokenizer, cfg, meta, "")
@@ -108,14 +108,28 @@ def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
     with torch.no_grad():
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            probs = model(**coll([examples[j] for j in idx])).logits.float().softmax(-1)
-            for j, p in zip(idx, probs.tolist()):
-                best = max(range(len(p)), key=p.__getitem__)
-                out[j] = {"label": meta["labels"][best],
-                          "probabilities": {lab: round(q, 6) for lab, q in zip(meta["labels"], p)}}
+            logp = model(**coll([examples[j] for j in idx])).logits.float().log_softmax(-1)
+            for j, row in zip(idx, logp.tolist()):
+                out[j] = row
     return out
 
 
+def _label(meta: dict, logp: list) -> str:
+    return meta["labels"][max(range(len(logp)), key=logp.__getitem__)]
+
+
+def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
+    """{label, probabilities} per row."""
+    import math
+
+    return [{"label": _label(meta, lp), "probabilities": {lab: round(math.exp(q), 6) for lab, q in zip(meta["labels"], lp)}}
+            for lp in _log_probs(model, tokenizer, rows, cfg, meta)]
+
+
 def evaluate(model, tokenizer, rows: list[dict], cfg, meta: dict) -> dict:
-    preds = predict(model, tokenizer, rows, cfg, meta)
-    return metrics.classification([p["label"] for p in preds], [r[cfg.label_column] for r in rows], meta["labels"])
+    """The classification metrics and `loss` (cross-entropy per row), from one pass over `rows`."""
+    logps, index = _log_probs(model, tokenizer, rows, cfg, meta), {lab: i for i, lab in enumerate(meta["labels"])}
+    gold = [r[cfg.label_column] for r in rows]
+    result = metrics.classification([_label(meta, lp) for lp in logps], gold, meta["labels"])
+    result["loss"] = -sum(lp[index[g]] for lp, g in zip(logps, gold)) / max(len(rows), 1)
+    return result

@@ -28,7 +28,7 @@ def pad_field(examples: list[dict], key: str, value: int):
     rows = [e[key] for e in examples]
     width = max(len(r) for r in rows)
     # one tensor from padded lists: a single conversion instead of one small tensor and a copy per row
-    return torch.tensor([[*r, *[value] * (width - len(r))] for r in rows], dtype=torch.long).reshape(len(rows), width)
+    return torch.tensor([[*r, *[value] * (width - len(r))] for r in rows], dtype=torch.long)
 
 
 def collate_inputs(examples: list[dict], pad_id: int) -> dict:

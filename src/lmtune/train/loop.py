@@ -148,7 +148,8 @@ class _StopFlag:
                 raise KeyboardInterrupt
             return
         self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal}: finishing this step, then saving a checkpoint...", file=sys.stderr)
+        if distributed.world().is_main:  # torchrun signals every rank: say it once
+            print(f"\n{self.signal}: finishing this step, then saving a checkpoint...", file=sys.stderr)
 
     def __exit__(self, *exc):
         for s, h in self.previous.items():
