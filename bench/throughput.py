@@ -373,7 +373,7 @@ def main():
                     hint = " (make bench-setup installs the peers)" if "ModuleNotFoundError" in last else ""
                     print(f"  {name}: failed: {last}{hint}", flush=True)
                     continue
-                res = {**json.loads(line[0][7:]), "wall_s": time.perf_counter() - t0}
+                res = {**json.loads(line[0][7:]), "wall_s": time.perf_counter() - t0, "round": round_}
                 runs.setdefault(name, []).append(res)
                 print(f"  ran {name} in {res['wall_s']:.0f}s: {res['target_tokens_per_s']:.1f} target tok/s, "
                       f"{res['peak_rss_mb']:.0f} MB", flush=True)
@@ -381,6 +381,25 @@ def main():
         # fast moment of a shared machine does not decide a ratio
         results = {n: sorted(rs, key=lambda r: r["target_tokens_per_s"])[(len(rs) - 1) // 2] for n, rs in runs.items()}
         _table(w, results, flops)
+        if args.repeat > 1:
+            _paired(runs)
+
+
+def _paired(runs: dict[str, list[dict]]) -> None:
+    """Ratios of runs of the same round (minutes apart at most), whose median is less exposed to this
+    machine's slow and fast phases than a ratio of medians."""
+    peers = [n for n in runs if not n.startswith(("lmtune", "+"))]
+    print("\nper round (paired runs): median ratio [each round]")
+    for o in ("+ mmap threshold", "lmtune", "lmtune packed", "lmtune compile"):
+        for n in peers if o in runs else []:
+            pairs = [(a, b) for a in runs[o] for b in runs[n] if a["round"] == b["round"]]
+            if not pairs:
+                continue
+            rs = [a["target_tokens_per_s"] / b["target_tokens_per_s"] for a, b in pairs]
+            ms = [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in pairs]
+            med = lambda xs: sorted(xs)[(len(xs) - 1) // 2]  # noqa: E731
+            print(f"{o} / {n}: {med(rs):.2f}x target tokens/s [{', '.join(f'{r:.2f}' for r in rs)}], "
+                  f"{med(ms):.2f}x peak memory [{', '.join(f'{m:.2f}' for m in ms)}]")
 
 
 def _table(w: str, results: dict, flops: float) -> None:
