@@ -576,9 +576,10 @@ def predict_time(s: Shape, run, batches: list[tuple[int, int, int]], lora: bool,
     working = 4 * s.params + n0 * l0 * s.layers * _layer_floats(s, l0, lora, bf16)[0]
     cold = working > last_level_cache()
     total, flops = 0.0, 0.0
+    # checkpointed layers run forward twice (--checkpoint-share: only that share of them), on average
+    fwd_passes = 1 + (int(s.layers * getattr(run, "checkpoint_share", 1.0) + 1e-9) / s.layers if ckpt else 0)
     for n, length, targets in batches:
         tokens = n * length
-        fwd_passes = 2 if ckpt else 1
         t = 0.0
         for _, kind, fin, fout, trained in s.linears:
             t += fwd_passes * m.gemm(tokens, fin, fout, "nt", bf16, cold) + m.gemm(tokens, fout, fin, "nn", bf16, cold)
