@@ -86,6 +86,38 @@ def test_frozen_output_layer_is_cast_once_per_batch_under_autocast(monkeypatch):
         assert torch.equal(g_auto[k], g_once[k]), k
 
 
+def test_one_piece_loss_under_autocast_makes_no_per_row_copy_of_the_output_layer(monkeypatch):
+    """The one-piece loss under autocast runs the output layer as one 2-d matmul: a linear over the 3-d bf16
+    slice hidden[:, :-1] ran as a batched matmul that copied the weight once per row (batch x hidden x vocab)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(L, "SMALL_LOGITS", 10**9)
+    model, batch = _model(vocab=3000), collate(_examples(), pad_id=0)
+    for n_, p in model.named_parameters():
+        p.requires_grad_("layers.1" in n_)  # the output layer frozen, as in a LoRA run
+    from lmtune.train.memory import recompute_elementwise
+    recompute_elementwise(model)  # the final norm then hands on a bf16 hidden state: no cast (and copy) in the linear
+    per_row_copies = model.lm_head.weight.numel() * batch["input_ids"].shape[0]
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    with Largest(), torch.autocast("cpu", dtype=torch.bfloat16):
+        s, n = L.causal_lm_loss(model, batch)
+        (s / n).backward()
+    assert 0 < Largest.largest < per_row_copies
+    with torch.no_grad():
+        s32, _ = L.causal_lm_loss(model, batch)
+    assert abs(float(s) - float(s32)) / float(s32) < 0.02  # bf16 against fp32
+
+
 def test_accumulation_normalised_by_target_tokens(tmp_path):
     """One step of 2 micro-batches x 3 rows (different target counts) moves the weights exactly as
     one step of 1 x 6 rows: every target token weighs the same."""
