@@ -504,6 +504,12 @@ def _input_of(target: str) -> str:
             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}.get(target, target)
 
 
+def checkpointed_layers(s: Shape, run, ckpt: bool) -> int:
+    """How many layers activation checkpointing recomputes (--checkpoint-share of them), counted as
+    models.enable_activation_checkpointing picks them."""
+    return int(s.layers * getattr(run, "checkpoint_share", 1.0) + 1e-9) if ckpt else 0
+
+
 def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: bool, ckpt: bool, bf16: bool,
                    base_mb: list[float]) -> dict:
     """Peak resident memory (MB) by part, for the largest micro-batch of `batches`.
@@ -522,9 +528,9 @@ def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: boo
     optim = per_param[run.optimizer] * s.trainable
     grads = 4 * s.trainable
     best = None
-    share = getattr(run, "checkpoint_share", 1.0) if ckpt else 0.0
-    n_ckpt = int(s.layers * share + 1e-9)  # as models.enable_activation_checkpointing picks them
-    recompute = getattr(run, "recompute_elementwise", False) and share < 1 and not getattr(run, "compile", False)
+    n_ckpt = checkpointed_layers(s, run, ckpt)
+    recompute = (getattr(run, "recompute_elementwise", False) and n_ckpt < s.layers
+                 and not getattr(run, "compile", False))
     for n, length, targets in batches:
         tokens = n * length
         saved, _ = _layer_floats(s, length, lora, bf16, recompute)
@@ -576,8 +582,7 @@ def predict_time(s: Shape, run, batches: list[tuple[int, int, int]], lora: bool,
     working = 4 * s.params + n0 * l0 * s.layers * _layer_floats(s, l0, lora, bf16)[0]
     cold = working > last_level_cache()
     total, flops = 0.0, 0.0
-    # checkpointed layers run forward twice (--checkpoint-share: only that share of them), on average
-    fwd_passes = 1 + (int(s.layers * getattr(run, "checkpoint_share", 1.0) + 1e-9) / s.layers if ckpt else 0)
+    fwd_passes = 1 + checkpointed_layers(s, run, ckpt) / s.layers  # checkpointed layers run forward twice
     for n, length, targets in batches:
         tokens = n * length
         t = 0.0

@@ -122,7 +122,8 @@ def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
     """{label, probabilities} per row."""
     import math
 
-    return [{"label": _label(meta, lp), "probabilities": {lab: round(math.exp(q), 6) for lab, q in zip(meta["labels"], lp)}}
+    return [{"label": _label(meta, lp),
+             "probabilities": {lab: round(math.exp(q), 6) for lab, q in zip(meta["labels"], lp)}}
             for lp in _log_probs(model, tokenizer, rows, cfg, meta)]
 
 

@@ -196,9 +196,9 @@ def set_mmap_threshold(mb: float) -> bool:
     first step nearly every activation comes from the heap. Activations of varying sizes (batches grouped
     by length) then leave holes that later ones only partly fill, and the heap keeps them resident:
     measured on SmolLM2-135M LoRA (bench/throughput.py (a), fp32, checkpoint share 0.4), peak RSS
-    2824-2858 MB with the default and 2389-2409 MB with 8 MB, the live tensors being the same. Blocks above the threshold are mapped
-    when allocated and unmapped when freed, which costs page faults: 1-3% of the step time at 8 MB, about
-    20% at 1 MB."""
+    2824-2858 MB with the default and 2389-2409 MB with 8 MB, the live tensors being the same. Blocks
+    above the threshold are mapped when allocated and unmapped when freed, which costs page faults: 1-3%
+    of the step time at 8 MB, about 20% at 1 MB."""
     if not mb or sys.platform != "linux":
         return False
     try:
