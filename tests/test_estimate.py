@@ -56,3 +56,20 @@ def test_a_model_it_cannot_count(tmp_path, capsys):
     assert run_cli(["estimate", "finetune", "--model", tmp_path / "m", "--task", "classify", "--data", data]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: estimate: could not count model") and err.count("\n") == 1, err
+
+
+def test_rates_are_measured_again_after_a_reboot(tmp_path, monkeypatch):
+    """machine.json keeps this boot's rates only: an earlier boot's (maybe another host's) are dropped."""
+    from lmtune.estimate import Machine
+
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path))
+    here = Machine()
+    if "|boot " not in here.host:
+        pytest.skip("no /proc/sys/kernel/random/boot_id")
+    stale = here.host.split("|boot ")[0] + "|boot 00000000"
+    other = "Some other CPU|2 threads|torch 0|boot 00000000"
+    (tmp_path / "machine.json").write_text(json.dumps({stale: {"op s": 1.0}, other: {"op s": 2.0}}))
+    m = Machine()
+    assert m.rates()["op_s"] < 0.01  # measured, not the stale 1 s
+    m.save()
+    assert set(json.loads((tmp_path / "machine.json").read_text())) == {m.host, other}

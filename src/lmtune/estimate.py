@@ -233,7 +233,9 @@ def _loss_path(s: Shape, n: int, length: int, targets: int) -> tuple[int, bool]:
 
 class Machine:
     """Measured rates of this machine (threads, torch version), cached in ~/.cache/lmtune/machine.json.
-    A rate is measured the first time a prediction needs it (a few milliseconds to a second each)."""
+    A rate is measured the first time a prediction needs it (a few milliseconds to a second each), and
+    again after a reboot: a cloud VM keeps its CPU name across hosts whose rates differ (bf16 matmuls
+    measured 2.5x apart on two boots of this machine), and a stale rate misleads every later estimate."""
 
     def __init__(self):
         import torch
@@ -244,6 +246,10 @@ class Machine:
         self.path = cache_dir() / "machine.json"
         self.all = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.host = f"{hardware()['cpu']}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+        boot = Path("/proc/sys/kernel/random/boot_id")
+        self.host += f"|boot {boot.read_text().strip()[:8]}" if boot.is_file() else ""
+        for key in [k for k in self.all if k != self.host and k.split("|boot")[0] == self.host.split("|boot")[0]]:
+            del self.all[key]  # an earlier boot's rates
         self.entry = self.all.setdefault(self.host, {})
         self.dirty = False
 
@@ -462,19 +468,29 @@ def _baseline_mb() -> list[float]:
 FRAGMENTATION = 0.5  # see predict_memory
 
 
-def _layer_floats(s: Shape, length: int, lora: bool, bf16: bool, recompute: bool = False) -> tuple[float, float]:
+def _layer_floats(s: Shape, length: int, lora: bool, bf16: bool, recompute: bool = False,
+                  small_below: float = 0.0) -> tuple[float, float, float]:
     """(bytes a decoder layer saves for backward per token, bytes per token of the activations it
-    creates in forward and frees again), counted op by op for a Llama-style layer with SDPA attention.
+    creates in forward and frees again, and of the saved bytes those in tensors narrower than
+    `small_below` bytes a token), counted op by op for a Llama-style layer with SDPA attention.
     `recompute`: train.memory rebuilds silu(gate), the MLP product and the norm outputs (under bf16, the
     one bf16 copy the projections share) in backward."""
     h, i, q = s.hidden, s.intermediate, s.heads * s.head_dim
     kv = q if s.kv != q else s.kv  # repeat_kv materialises keys and values at full width for SDPA
     lo = 2 if bf16 else 4          # bytes of what runs in bf16 under autocast (norms stay in fp32)
+    saved = small = 0.0
+
+    def keep(width_bytes: float, count: int = 1) -> None:  # `count` saved tensors of this width
+        nonlocal saved, small
+        saved += count * width_bytes
+        small += count * width_bytes if width_bytes < small_below else 0.0
+
     # each RMSNorm keeps its input and 1/rms (and its normalised output when its weight is trained)
-    saved = 2 * 4 * (h + 1 + (h if s.norm_trainable else 0))
+    keep(4 * h, 2 * (2 if s.norm_trainable else 1))
+    keep(4, 2)
     # SDPA keeps q, k, v, its output and logsumexp; the additive padding mask (one row per position)
-    saved += lo * (2 * q + 2 * kv) + 4 * (s.heads + length)
-    saved += lo * (2 if recompute else 3) * i  # MLP: gate (for silu), silu(gate) and up (for the product)
+    keep(lo * q, 2), keep(lo * kv, 2), keep(4 * s.heads), keep(4 * length)
+    keep(lo * i, 2 if recompute else 3)  # MLP: gate (for silu), silu(gate) and up (for the product)
     rebuilt = {"mlp_mid", "attn_in", "mlp_in"} if recompute else set()
     base = [(t, fin, trained) for t, kind, fin, _, trained in s.linears if kind == "base"]
     inputs = {}                             # distinct inputs of the linears (q/k/v share one, gate/up one)
@@ -486,17 +502,18 @@ def _layer_floats(s: Shape, length: int, lora: bool, bf16: bool, recompute: bool
         if not s.lora_dropout:
             inputs[_input_of(t)][1] = True  # lora_A keeps the (shared) input itself
     # a trained weight needs its input kept (the attention output is kept by SDPA already)
-    saved += sum(lo * fin for name, (fin, kept) in inputs.items()
-                 if kept and name != "attn_out" and name not in rebuilt)
-    r = sum(fout for t, kind, _, fout, _ in s.linears if kind == "A")
-    if s.lora_dropout:  # each adapter's dropout: its own mask and masked copy of the input
-        saved += sum((4 + lo) * fin for _, fin, _ in adapted)
-    saved += lo * r                        # lora_A's output, kept for lora_B's weight gradient
+    for name, (fin, kept) in inputs.items():
+        if kept and name != "attn_out" and name not in rebuilt:
+            keep(lo * fin)
+    for _, fin, fout in adapted:
+        if s.lora_dropout:  # each adapter's dropout: its own mask and masked copy of the input
+            keep(4 * fin), keep(lo * fin)
+        keep(lo * fout)  # lora_A's output, kept for lora_B's weight gradient
     # freed again in forward: norm temporaries, q/k before rotary embedding and the rotation's
     # products, the projections' outputs, residual sums; LoRA's B outputs, scaled and added
     temps = 4 * (6 * h) + lo * (4 * q + 4 * s.kv + 2 * h + i)
     temps += sum(lo * 3 * fout for t, kind, _, fout, _ in s.linears if kind == "B")
-    return saved, temps
+    return saved, temps, small
 
 
 def _input_of(target: str) -> str:
@@ -518,9 +535,12 @@ def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: boo
     states, what forward saved for backward (per layer and token, `_layer_floats`; the loss's logits) and
     backward's first transients (the output layer's gradients). Gradients take the place of the
     activations that backward frees. On top of that the C allocator keeps what it cannot give back:
-    tensors below its mmap threshold (32 MB) come from the heap, where the activations freed in forward
-    and backward leave holes that later tensors only partly fill. This machine's glibc kept half the
-    saved activations' size again (measured over small and 135M models, full and LoRA)."""
+    tensors below its mmap threshold (--mmap-threshold-mb; glibc's own grows to 32 MB) come from the
+    heap, where the activations freed in forward and backward leave holes that later tensors only partly
+    fill. On this machine glibc kept about half the size of the saved activations below the threshold
+    again (measured over small and 135M models, full and LoRA). SmolLM2-135M LoRA on Alpaca rows at 8 MB:
+    the hidden-wide tensors (3 MB in fp32) stay on the heap and the MLP's (9 MB) are mapped; in bf16 all
+    stay. Measured there: -3%, -8% and -9..-15% (fp32, bf16, checkpoint share 0.4)."""
     from lmtune.train.loss import CHUNK
 
     weights = 4 * s.params
@@ -531,14 +551,19 @@ def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: boo
     n_ckpt = checkpointed_layers(s, run, ckpt)
     recompute = (getattr(run, "recompute_elementwise", False) and n_ckpt < s.layers
                  and not getattr(run, "compile", False))
+    # with --mmap-threshold-mb, tensors at least that big are mapped and unmapped, leaving no holes
+    # (SmolLM2-135M LoRA: peak 2400 MB against 2410 MB of live tensors); smaller ones still fragment
+    threshold = getattr(run, "mmap_threshold_mb", 0.0) * MB or math.inf
     for n, length, targets in batches:
         tokens = n * length
-        saved, _ = _layer_floats(s, length, lora, bf16, recompute)
+        saved, _, small = _layer_floats(s, length, lora, bf16, recompute, threshold / tokens)
         full = _layer_floats(s, length, lora, bf16)[0] if recompute else saved
         # a checkpointed layer keeps only its input, and backward recomputes one layer at a time
         layers = (n_ckpt * tokens * (4 * s.hidden + 4 * length) + (full * tokens if n_ckpt else 0)
                   + (s.layers - n_ckpt) * tokens * saved)
         layers += tokens * 4 * (2 * s.hidden + 1)  # the final norm
+        small = (s.layers - n_ckpt) * tokens * small + (n_ckpt * tokens * 4 * s.hidden
+                                                         if 4 * s.hidden * tokens < threshold else 0)
         rows, chunked = _loss_path(s, n, length, targets)
         if chunked:  # target positions' hidden states; one chunk's logits, log-softmax and their gradients
             logits, transient = 4 * rows * s.hidden, 4 * 4 * min(rows, CHUNK) * s.vocab
@@ -546,9 +571,9 @@ def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: boo
             logits, transient = (4 + (2 if bf16 else 0)) * rows * s.vocab, 2 * 4 * rows * s.vocab
         head_grad = (2 if s.head_trainable else 0) * 4 * s.vocab * s.hidden  # embedding's and the head's
         act = layers + logits
-        if best is None or act + transient > best[0] + best[1]:
-            best = (act, transient + head_grad)
-    act, transient = best
+        if best is None or act + transient + FRAGMENTATION * small > best[0] + best[1] + best[2]:
+            best = (act, transient + head_grad, FRAGMENTATION * small)
+    act, transient, fragmentation = best
     # autocast's bf16 copies of the weights, kept for backward; a LoRA base is stored in bf16 instead (finetune)
     frozen_bf16 = s.frozen_matmul if bf16 and lora and getattr(run, "distributed", "none") != "fsdp" else 0
     weights -= 2 * frozen_bf16
@@ -560,12 +585,7 @@ def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: boo
     in_use = weights + optim + act + cast + transient + runtime
     parts = {"baseline": resident, "weights": weights / MB, "optimizer": optim / MB,
              "activations": act / MB, "gradients": grads / MB}
-    # with --mmap-threshold-mb, activations at least that big are mapped and unmapped, leaving no holes
-    # (SmolLM2-135M LoRA: peak 2400 MB against 2410 MB of live tensors); smaller ones still fragment
-    threshold = getattr(run, "mmap_threshold_mb", 0.0) * MB
-    widest = 4 * max(n * length for n, length, _ in batches) * max(s.hidden, s.intermediate)
-    fragmentation = 0.0 if threshold and widest >= threshold else FRAGMENTATION
-    parts["peak"] = max(import_peak, resident + (in_use + fragmentation * act) / MB)
+    parts["peak"] = max(import_peak, resident + (in_use + fragmentation) / MB)
     return parts
 
 
