@@ -379,10 +379,15 @@ def main():
                       f"{res['peak_rss_mb']:.0f} MB", flush=True)
         # with --repeat: each contender's median run by speed (its own memory with it), so one slow or
         # fast moment of a shared machine does not decide a ratio
-        results = {n: sorted(rs, key=lambda r: r["target_tokens_per_s"])[(len(rs) - 1) // 2] for n, rs in runs.items()}
+        results = {n: _lower_median(rs, key=lambda r: r["target_tokens_per_s"]) for n, rs in runs.items()}
         _table(w, results, flops)
         if args.repeat > 1:
             _paired(runs)
+
+
+def _lower_median(xs: list, key=None):
+    """The median, or of two middle values the lower one (an even number of rounds)."""
+    return sorted(xs, key=key)[(len(xs) - 1) // 2]
 
 
 def _paired(runs: dict[str, list[dict]]) -> None:
@@ -397,9 +402,8 @@ def _paired(runs: dict[str, list[dict]]) -> None:
                 continue
             rs = [a["target_tokens_per_s"] / b["target_tokens_per_s"] for a, b in pairs]
             ms = [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in pairs]
-            med = lambda xs: sorted(xs)[(len(xs) - 1) // 2]  # noqa: E731
-            print(f"{o} / {n}: {med(rs):.2f}x target tokens/s [{', '.join(f'{r:.2f}' for r in rs)}], "
-                  f"{med(ms):.2f}x peak memory [{', '.join(f'{m:.2f}' for m in ms)}]")
+            print(f"{o} / {n}: {_lower_median(rs):.2f}x target tokens/s [{', '.join(f'{r:.2f}' for r in rs)}], "
+                  f"{_lower_median(ms):.2f}x peak memory [{', '.join(f'{m:.2f}' for m in ms)}]")
 
 
 def _table(w: str, results: dict, flops: float) -> None:
