@@ -234,8 +234,9 @@ def _loss_path(s: Shape, n: int, length: int, targets: int) -> tuple[int, bool]:
 class Machine:
     """Measured rates of this machine (threads, torch version), cached in ~/.cache/lmtune/machine.json.
     A rate is measured the first time a prediction needs it (a few milliseconds to a second each), and
-    again after a reboot: a cloud VM keeps its CPU name across hosts whose rates differ (bf16 matmuls
-    measured 2.5x apart on two boots of this machine), and a stale rate misleads every later estimate."""
+    again after a reboot: a cloud VM keeps its CPU name across hosts whose rates may differ (this machine's
+    bf16 matmuls measured 2.5x slower than the rates cached on an earlier day), and a stale rate misleads
+    every later estimate."""
 
     def __init__(self):
         import torch
