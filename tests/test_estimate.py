@@ -73,3 +73,27 @@ def test_rates_are_measured_again_after_a_reboot(tmp_path, monkeypatch):
     assert m.rates()["op_s"] < 0.01  # measured, not the stale 1 s
     m.save()
     assert set(json.loads((tmp_path / "machine.json").read_text())) == {m.host, other}
+
+
+def test_fragmentation_counts_the_tensors_below_the_mmap_threshold():
+    """SmolLM2-135M's shape, LoRA on all linears, 4 x 353 tokens at an 8 MB threshold: in fp32 the MLP's
+    saved tensors (1536 wide, 8.7 MB) are mapped and only the narrower ones count as heap; in bf16 every
+    saved tensor is below the threshold; with no threshold (glibc's own) all of them count."""
+    from lmtune.estimate import Shape, _layer_floats
+
+    h, i = 576, 1536
+    base = [(t, "base", fin, fout, False) for t, fin, fout in
+            [("q_proj", h, h), ("k_proj", h, 192), ("v_proj", h, 192), ("o_proj", h, h),
+             ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]]
+    lora = [(t, k, fin if k == "A" else 16, 16 if k == "A" else fout, True)
+            for t, _, fin, fout, _ in base for k in ("A", "B")]
+    s = Shape(params=0, trainable=0, tensors=0, matmul_params=0, frozen_matmul=0, layers=30, heads=9, head_dim=64,
+              hidden=h, kv=192, intermediate=i, vocab=49152, head_trainable=False, norm_trainable=False,
+              linears=tuple(base + lora))
+    per_token_limit = 8 * 2**20 / (4 * 353)
+    saved, _, small = _layer_floats(s, 353, True, False, True, per_token_limit)
+    assert 0 < small < saved and saved - small == 2 * 4 * i  # gate and up (down's input is rebuilt in backward)
+    saved, _, small = _layer_floats(s, 353, True, True, True, per_token_limit)
+    assert small == saved  # bf16: every saved tensor is under 8 MB
+    saved, _, small = _layer_floats(s, 353, True, False, True, float("inf"))
+    assert small == saved
