@@ -709,8 +709,9 @@ def check(cfg: EstimateConfig, asked: dict) -> dict:
     compare with the prediction for those same steps."""
     run = cfg.run
     with tempfile.TemporaryDirectory(prefix="lmtune-estimate-") as tmp:
-        short = replace(run, out=str(Path(tmp) / "run"), max_steps=cfg.check_steps, overwrite=True, resume=False, eval_every=0,
-                        save_every=10**6, val_split=0.0, **({"eval_data": ""} if hasattr(run, "eval_data") else {}))
+        short = replace(run, out=str(Path(tmp) / "run"), max_steps=cfg.check_steps, overwrite=True, resume=False,
+                        eval_every=0, save_every=10**6, val_split=0.0,
+                        **({"eval_data": ""} if hasattr(run, "eval_data") else {}))
         spec = Path(tmp) / "run.yaml"
         import yaml
 
