@@ -72,6 +72,12 @@ def test_rates_are_measured_again_after_a_reboot(tmp_path, monkeypatch):
     assert m.rates()["op_s"] < 0.01  # measured, not the stale 1 s
     m.save()
     assert set(json.loads((tmp_path / "machine.json").read_text())) == {m.host, other}
+    (tmp_path / "machine.json").write_text('{"' + m.host)  # cut short (a save killed halfway, before saves were atomic)
+    m = Machine()
+    assert m.rates()["op_s"] < 0.01
+    m.save()
+    assert set(json.loads((tmp_path / "machine.json").read_text())) == {m.host}
+    assert [f.name for f in tmp_path.iterdir()] == ["machine.json"]  # no temporary file left
 
 
 def test_fragmentation_counts_the_tensors_below_the_mmap_threshold():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -245,11 +246,14 @@ class Machine:
         from lmtune.track import hardware
 
         self.path = cache_dir() / "machine.json"
-        self.all = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.host = f"{hardware()['cpu']}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+        try:
+            self.all = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, ValueError):  # unreadable or cut short: a cache, so measure again
+            self.all = {}
+        machine = f"{hardware()['cpu']}|{torch.get_num_threads()} threads|torch {torch.__version__}"
         boot = Path("/proc/sys/kernel/random/boot_id")
-        self.host += f"|boot {boot.read_text().strip()[:8]}" if boot.is_file() else ""
-        for key in [k for k in self.all if k != self.host and k.split("|boot")[0] == self.host.split("|boot")[0]]:
+        self.host = machine + (f"|boot {boot.read_text().strip()[:8]}" if boot.is_file() else "")
+        for key in [k for k in self.all if k != self.host and k.split("|boot")[0] == machine]:
             del self.all[key]  # an earlier boot's rates
         self.entry = self.all.setdefault(self.host, {})
         self.dirty = False
@@ -262,7 +266,9 @@ class Machine:
     def save(self) -> None:
         if self.dirty:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.all, indent=1))
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.all, indent=1))
+            os.replace(tmp, self.path)  # whole or not at all, also when two estimates save at once
             self.dirty = False
 
     # seconds of one (m x k) @ (k x n) product as the step computes it: "nt" forward (x @ W^T), "nn" input
@@ -563,8 +569,8 @@ def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: boo
         layers = (n_ckpt * tokens * (4 * s.hidden + 4 * length) + (full * tokens if n_ckpt else 0)
                   + (s.layers - n_ckpt) * tokens * saved)
         layers += tokens * 4 * (2 * s.hidden + 1)  # the final norm
-        small = (s.layers - n_ckpt) * tokens * small + (n_ckpt * tokens * 4 * s.hidden
-                                                         if 4 * s.hidden * tokens < threshold else 0)
+        heap = (s.layers - n_ckpt) * tokens * small + (n_ckpt * tokens * 4 * s.hidden
+                                                        if 4 * s.hidden * tokens < threshold else 0)
         rows, chunked = _loss_path(s, n, length, targets)
         if chunked:  # target positions' hidden states; one chunk's logits, log-softmax and their gradients
             logits, transient = 4 * rows * s.hidden, 4 * 4 * min(rows, CHUNK) * s.vocab
@@ -572,8 +578,8 @@ def predict_memory(s: Shape, run, batches: list[tuple[int, int, int]], lora: boo
             logits, transient = (4 + (2 if bf16 else 0)) * rows * s.vocab, 2 * 4 * rows * s.vocab
         head_grad = (2 if s.head_trainable else 0) * 4 * s.vocab * s.hidden  # embedding's and the head's
         act = layers + logits
-        if best is None or act + transient + FRAGMENTATION * small > best[0] + best[1] + best[2]:
-            best = (act, transient + head_grad, FRAGMENTATION * small)
+        if best is None or act + transient + FRAGMENTATION * heap > best[0] + best[1] + best[2]:
+            best = (act, transient + head_grad, FRAGMENTATION * heap)
     act, transient, fragmentation = best
     # autocast's bf16 copies of the weights, kept for backward; a LoRA base is stored in bf16 instead (finetune)
     frozen_bf16 = s.frozen_matmul if bf16 and lora and getattr(run, "distributed", "none") != "fsdp" else 0
