@@ -66,10 +66,10 @@ class Ours:
         return self.dec.generate(batch, n, eos_ids=[self.tok.eos_token_id], pad_id=self.tok.pad_token_id).tolist()
 
 
-def weight_read_floor(model) -> float:
-    """Seconds a decoded token needs at the least at batch 1: every weight matrix read once, as 1-row
-    products with nothing else (the median of 5 passes). The weights (538 MB in fp32 for SmolLM2-135M)
-    are more than the last-level cache holds, so this is the machine's memory bandwidth at work."""
+def weight_read_floor(model) -> tuple[float, int]:
+    """(seconds, bytes): what a decoded token needs at the least at batch 1, every weight matrix read once,
+    as 1-row products with nothing else (the median of 5 passes). The weights (538 MB in fp32 for
+    SmolLM2-135M) are more than the last-level cache holds, so this is the machine's memory bandwidth."""
     import torch
     import torch.nn.functional as F
 
@@ -82,7 +82,7 @@ def weight_read_floor(model) -> float:
             for w in mats:
                 F.linear(xs[w.shape[1]], w)
             times.append(time.perf_counter() - t)
-    return sorted(times[1:])[2]
+    return sorted(times[1:])[2], sum(w.numel() * w.element_size() for w in mats)
 
 
 def main() -> None:
@@ -147,9 +147,8 @@ def main() -> None:
               f" {r['warm']:>9.1f}  {same_rows:>7}/{len(pairs):<6} {100 * same_tok / total:>10.1f}%")
     print("\ntokens/s: generated tokens (to EOS) / wall time, prefill included, warm-up excluded; ratio: vs HF at the "
           "same precision; rows = HF fp32: token ids identical to HF fp32 greedy; same tokens: identical positions.")
-    floor = weight_read_floor(fp32)
+    floor, nbytes = weight_read_floor(fp32)
     hf = results[1, "HF fp32"]
-    nbytes = sum(p.numel() * p.element_size() for p in fp32.parameters() if p.dim() == 2)
     print(f"fp32 weight reads alone (every matrix once, 1-row products, nothing else): {1000 * floor:.1f} ms a token "
           f"({nbytes / floor / 1e9:.1f} GB/s), so at most {1 / floor:.1f} tokens/s at batch 1 for any decoder that "
           f"reads fp32 weights: {1 / floor / (hf['tokens'] / hf['seconds']):.2f}x HF fp32's speed in this run.")
