@@ -130,3 +130,96 @@ def test_int8_needs_a_llama(tiny):
     model, _, _ = tiny
     with pytest.raises(LmtuneError, match="--quantize int8"):
         Decoder(type("NotALlama", (torch.nn.Module,), {"config": model.config})(), quantize="int8")
+
+
+def snap(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """`w` rounded onto GGUF's Q4_1 (bits=4) or Q8_0 (bits=8) grid, as llama.cpp quantizes and gguf dequantizes."""
+    blk = w.detach().float().reshape(w.shape[0], -1, 32)
+    lo, hi = blk.amin(-1, keepdim=True), blk.amax(-1, keepdim=True)
+    if bits == 4:
+        d, m = ((hi - lo) / 15).half().float(), lo.half().float()
+        q = torch.round((blk - lo) / d.clamp(min=1e-30)).clamp(0, 15)  # an all-zero row (padding) has d = 0
+    else:
+        d, m = (torch.maximum(hi, -lo) / 127).half().float(), torch.zeros_like(lo)
+        q = torch.round(blk / d.clamp(min=1e-30)).clamp(-127, 127)
+    return (d * q + m).reshape(w.shape)
+
+
+def test_block_kernel_equals_the_dense_matmul():
+    """blocks.linear on a factored matrix gives F.linear's values (fp32, up to summation order) for 1 to 9
+    rows and both block widths; a matrix off the grid by one ulp is not factored."""
+    import shutil
+
+    from lmtune import blocks
+
+    if not shutil.which("c++"):
+        pytest.skip("no C++ compiler: the block kernel is not built (dense weights are used)")
+    assert blocks.available()
+    torch.manual_seed(0)
+    for bits, shape in ((4, (96, 64)), (8, (40, 96))):
+        w = snap(torch.randn(shape) * 0.05, bits)
+        blk = blocks.factor(w)
+        assert blk is not None and blk.bits == bits and blk.nbytes < w.numel() * 4 / 3
+        for rows in range(1, 10):
+            x = torch.randn(rows, shape[1])
+            assert torch.allclose(blocks.linear(x, blk), torch.nn.functional.linear(x, w), atol=1e-6, rtol=1e-5)
+        off = w.clone()
+        off[3, 7] = torch.nextafter(off[3, 7], torch.tensor(1.0))
+        assert blocks.factor(off) is None
+
+
+def test_gguf_block_weights_decode_exactly_as_hf(tiny, tiny_chat_model):
+    """A model whose weights are GGUF blocks (as a converted GGUF's are) is decoded through the block kernel,
+    and greedy output is token for token HF's fp32 generate; one matrix moved off the grid stays dense."""
+    from lmtune import blocks, models
+
+    if not blocks.available():
+        pytest.skip("no block kernel on this machine")
+    _, tok, ids = tiny
+    model, _ = models.load_causal_lm(tiny_chat_model)
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(snap(p, 8 if "embed" in name else 4))
+        model.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3  # not on the grid any more
+    dec = Decoder(model)
+    kinds = [type(L[k]).__name__ for L in dec.runner.layers for k in ("wqkv", "wo", "wgu", "wd")]
+    assert kinds == ["Block"] * 7 + ["Tensor"] and dec.runner.head.bits == 8
+    prompts = [ids[0], ids[2], ids[1]]
+    ours = dec.generate(prompts, 24, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    assert torch.equal(ours, hf_generate(model, tok, prompts, 24, tok.eos_token_id))
+    assert torch.equal(ours, Decoder(model, gguf_blocks=False).generate(prompts, 24, eos_ids=[tok.eos_token_id],
+                                                                       pad_id=tok.pad_token_id))
+
+
+def test_smollm2_decodes_from_its_gguf_blocks_as_hf(smollm2_dir):
+    """The default model's every matrix is exactly a GGUF block (Q4_1 layers, Q8_0 embedding): all of them
+    are read in block form, and greedy output equals HF's fp32 generate."""
+    from lmtune import blocks, models
+    from lmtune.tasks import instruct
+
+    if not blocks.available():
+        pytest.skip("no block kernel on this machine")
+    model, tok = models.load_causal_lm(smollm2_dir)
+    model.eval()
+    dec = Decoder(model)
+    assert all(isinstance(L[k], blocks.Block) for L in dec.runner.layers for k in ("wqkv", "wo", "wgu", "wd"))
+    assert [L["wgu"].bits for L in dec.runner.layers] == [4] * 30 and dec.runner.head.bits == 8
+    prompts = [tok(instruct.prompt_text(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    ours = dec.generate(prompts, 16, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    assert torch.equal(ours, hf_generate(model, tok, prompts, 16, tok.eos_token_id))
+
+
+def test_no_compiler_means_dense_weights(tiny, monkeypatch):
+    """Without a C++ compiler (or with LMTUNE_NO_KERNELS set) nothing is factored and decoding is unchanged."""
+    from lmtune import blocks
+
+    monkeypatch.setattr(blocks, "_LIB", False)
+    monkeypatch.setenv("LMTUNE_NO_KERNELS", "1")
+    assert not blocks.available()
+    model, tok, ids = tiny
+    dec = Decoder(model)
+    assert all(isinstance(L["wqkv"], torch.Tensor) for L in dec.runner.layers)
+    assert torch.equal(dec.generate([ids[0]], 8, eos_ids=[], pad_id=tok.pad_token_id),
+                       hf_generate(model, tok, [ids[0]], 8, None))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmtune import blocks
 from lmtune.errors import LmtuneError
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # position-independent tables: safe to precompute
@@ -63,7 +64,10 @@ class Int8:
 
 
 def linear(x, w, b=None):
-    """F.linear, or for an Int8 `w` the int8 kernel (few rows) or the bf16 matmul (many), bf16 inside."""
+    """F.linear, or for an Int8 `w` the int8 kernel (few rows) or the bf16 matmul (many), bf16 inside, or
+    for a blocks.Block the lossless block kernel (few rows) or the dense fp32 matmul (many)."""
+    if isinstance(w, blocks.Block):
+        return blocks.linear(x, w, b)
     if not isinstance(w, Int8):
         return F.linear(x, w, b)
     x2 = x.reshape(-1, x.shape[-1]).bfloat16()
@@ -82,7 +86,7 @@ class LlamaRunner:
         return (type(model).__name__ == "LlamaForCausalLM" and cfg.hidden_act == "silu"
                 and rope in ROPE_TYPES and not getattr(cfg, "sliding_window", None))
 
-    def __init__(self, model, quantize: str = "none"):
+    def __init__(self, model, quantize: str = "none", gguf_blocks: bool = True):
         cfg, m = model.config, model.model
         self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -106,6 +110,12 @@ class LlamaRunner:
                 for k in ("wqkv", "wo", "wgu", "wd"):
                     L[k] = Int8(L[k])
             self.head = Int8(self.head)
+        elif gguf_blocks and self.dtype == torch.float32 and blocks.available():
+            # lossless: matrices that are exactly GGUF blocks are read in that form (see lmtune.blocks)
+            for L in self.layers:
+                for k in ("wqkv", "wo", "wgu", "wd"):
+                    L[k] = blocks.factor(L[k]) or L[k]
+            self.head = blocks.factor(self.head) or self.head
         self.k = self.v = None  # the cache: (layers, batch, kv heads, length, head_dim), made by `reset`
 
     def reset(self, batch: int, length: int) -> None:
@@ -189,14 +199,16 @@ def pick(logits, temperature: float, top_k: int, top_p: float, generator):
 class Decoder:
     """Greedy or sampled generation for a batch of prompts (token id lists of any lengths, left-padded)."""
 
-    def __init__(self, model, *, compile: bool = False, quantize: str = "none"):
+    def __init__(self, model, *, compile: bool = False, quantize: str = "none", gguf_blocks: bool = True):
         if getattr(model, "peft_config", None):  # a LoRA model: fold the adapter into the weights first
             model = model.merge_and_unload()
         model.eval()
         if quantize != "none" and not LlamaRunner.supports(model):
             raise LmtuneError(f"--quantize {quantize} works for Llama-family models; "
                               f"{type(model).__name__} is not one (leave --quantize none)")
-        self.runner = LlamaRunner(model, quantize) if LlamaRunner.supports(model) else HFRunner(model)
+        # a compiled step can't call the block kernel (ctypes): it reads dense weights
+        self.runner = (LlamaRunner(model, quantize, gguf_blocks and not compile) if LlamaRunner.supports(model)
+                       else HFRunner(model))
         self.fast = isinstance(self.runner, LlamaRunner)
         self.compile = compile and self.fast
         self._step = torch.compile(self.runner.step, dynamic=False, fullgraph=True) if self.compile else None
