@@ -11,6 +11,10 @@ prompt at batch 1, batch by batch at batch 8), in one process, one at a time. to
 runs are timed separately and not counted. "ratio" is against HF at the same precision ("lmtune int8",
 weight-only int8 made from the fp32 weights, against HF fp32). Agreement is
 against HF fp32: rows whose token ids are all identical, and the share of identical token positions.
+
+"lmtune fp32" reads the matrices that are exactly GGUF blocks (all of SmolLM2's: it comes from a Q4_1 GGUF)
+in that form, with the same fp32 values and fp32 sums (lmtune/blocks.py); "lmtune fp32 dense" reads the
+dense fp32 tensors, as it would for a fine-tuned model.
 """
 
 from __future__ import annotations
@@ -57,10 +61,10 @@ class HF:
 
 
 class Ours:
-    def __init__(self, model, tok, compile=False, quantize="none"):
+    def __init__(self, model, tok, compile=False, quantize="none", gguf_blocks=True):
         from lmtune.decode import Decoder
 
-        self.dec, self.tok = Decoder(model, compile=compile, quantize=quantize), tok
+        self.dec, self.tok = Decoder(model, compile=compile, quantize=quantize, gguf_blocks=gguf_blocks), tok
 
     def __call__(self, batch, n):
         return self.dec.generate(batch, n, eos_ids=[self.tok.eos_token_id], pad_id=self.tok.pad_token_id).tolist()
@@ -108,7 +112,8 @@ def main() -> None:
     eos, pad = tok.eos_token_id, tok.pad_token_id
     ps = prompts(tok, max(n_b1, 8 * n_b8_batches))
     contenders = {"HF fp32": HF(fp32, tok), "HF bf16": HF(bf16, tok),
-                  "lmtune fp32": Ours(fp32, tok), "lmtune bf16": Ours(bf16, tok),
+                  "lmtune fp32": Ours(fp32, tok), "lmtune fp32 dense": Ours(fp32, tok, gguf_blocks=False),
+                  "lmtune bf16": Ours(bf16, tok),
                   "lmtune int8": Ours(fp32, tok, quantize="int8")}  # int8 weights from the fp32 model
     if args.compile:
         contenders["lmtune fp32 compile"] = Ours(fp32, tok, compile=True)
@@ -151,7 +156,16 @@ def main() -> None:
     hf = results[1, "HF fp32"]
     print(f"fp32 weight reads alone (every matrix once, 1-row products, nothing else): {1000 * floor:.1f} ms a token "
           f"({nbytes / floor / 1e9:.1f} GB/s), so at most {1 / floor:.1f} tokens/s at batch 1 for any decoder that "
-          f"reads fp32 weights: {1 / floor / (hf['tokens'] / hf['seconds']):.2f}x HF fp32's speed in this run.")
+          f"reads dense fp32 weights: {1 / floor / (hf['tokens'] / hf['seconds']):.2f}x HF fp32's speed in this run.")
+    from lmtune import blocks
+
+    runner = contenders["lmtune fp32"].dec.runner
+    mats = [L[k] for L in runner.layers for k in ("wqkv", "wo", "wgu", "wd")] + [runner.head]
+    packed = [w for w in mats if isinstance(w, blocks.Block)]
+    print(f"lmtune fp32 reads {len(packed)} of its {len(mats)} matrices in their GGUF block form (the same fp32 "
+          f"values): {sum(w.nbytes for w in packed) / 1e6:.0f} MB a token for them instead of "
+          f"{sum(w.dense.numel() * 4 for w in packed) / 1e6:.0f} MB; 'lmtune fp32 dense' reads them all dense."
+          + ("" if blocks.available() else " (no C++ compiler here: no block kernel)"))
 
 
 if __name__ == "__main__":

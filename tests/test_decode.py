@@ -160,6 +160,13 @@ def test_block_kernel_equals_the_dense_matmul():
         w = snap(torch.randn(shape) * 0.05, bits)
         blk = blocks.factor(w)
         assert blk is not None and blk.bits == bits and blk.nbytes < w.numel() * 4 / 3
+        n, k = shape
+        if bits == 4:  # two weights a byte: i in the low nibble, i + 16 in the high one
+            q = blk.q.view(n, k // 32, 16)
+            q = torch.cat((q & 15, q >> 4), -1).float()
+        else:
+            q = blk.q.view(torch.int8).view(n, k // 32, 32).float()
+        assert torch.equal((blk.d[..., None] * q + blk.m[..., None]).view(shape), w)  # bit for bit
         for rows in range(1, 10):
             x = torch.randn(rows, shape[1])
             assert torch.allclose(blocks.linear(x, blk), torch.nn.functional.linear(x, w), atol=1e-6, rtol=1e-5)
