@@ -175,6 +175,19 @@ def test_block_kernel_equals_the_dense_matmul():
         assert blocks.factor(off) is None
 
 
+def snapped(folder):
+    """The tiny model with every layer on the Q4_1 grid and the embedding on Q8_0's, like a converted GGUF."""
+    from lmtune import models
+
+    model, _ = models.load_causal_lm(folder)
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(snap(p, 8 if "embed" in name else 4))
+    return model
+
+
 def test_gguf_block_weights_decode_exactly_as_hf(tiny, tiny_chat_model):
     """A model whose weights are GGUF blocks (as a converted GGUF's are) is decoded through the block kernel,
     and greedy output is token for token HF's fp32 generate; one matrix moved off the grid stays dense."""
@@ -183,12 +196,8 @@ def test_gguf_block_weights_decode_exactly_as_hf(tiny, tiny_chat_model):
     if not blocks.available():
         pytest.skip("no block kernel on this machine")
     _, tok, ids = tiny
-    model, _ = models.load_causal_lm(tiny_chat_model)
-    model.eval()
+    model = snapped(tiny_chat_model)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.copy_(snap(p, 8 if "embed" in name else 4))
         model.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3  # not on the grid any more
     dec = Decoder(model)
     kinds = [type(L[k]).__name__ for L in dec.runner.layers for k in ("wqkv", "wo", "wgu", "wd")]
@@ -198,6 +207,36 @@ def test_gguf_block_weights_decode_exactly_as_hf(tiny, tiny_chat_model):
     assert torch.equal(ours, hf_generate(model, tok, prompts, 24, tok.eos_token_id))
     assert torch.equal(ours, Decoder(model, gguf_blocks=False).generate(prompts, 24, eos_ids=[tok.eos_token_id],
                                                                        pad_id=tok.pad_token_id))
+
+
+def test_lora_on_a_block_base_stays_unmerged(tiny, tiny_chat_model):
+    """A LoRA adapter on a GGUF-block base is added beside the block kernel instead of merged (merging would
+    leave the block form): greedy output is peft's unmerged generate, token for token."""
+    from peft import LoraConfig, get_peft_model
+
+    from lmtune import blocks
+
+    if not blocks.available():
+        pytest.skip("no block kernel on this machine")
+    _, tok, ids = tiny
+    torch.manual_seed(0)
+    peft_model = get_peft_model(snapped(tiny_chat_model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], init_lora_weights=False))
+    with torch.no_grad():  # adapters big enough to change what the model says
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(20)
+    peft_model.eval()
+    prompts = [ids[0], ids[2]]
+    ref = hf_generate(peft_model, tok, prompts, 16, tok.eos_token_id)
+    base = Decoder(snapped(tiny_chat_model)).generate(prompts, 16, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    assert not torch.equal(ref, base)  # the adapter matters
+    dec = Decoder(peft_model)
+    L = dec.runner.layers[0]
+    assert isinstance(L["wqkv"], blocks.Block) and L["lqkv"][0].shape == (8, 32) and L["lo"] is None
+    assert L["lqkv"][1][32:64].abs().sum() == 0 and L["lqkv"][1][64:].abs().sum() > 0  # q, v adapted; k not
+    ours = dec.generate(prompts, 16, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    assert torch.equal(ours, ref)
 
 
 def test_smollm2_decodes_from_its_gguf_blocks_as_hf(smollm2_dir):

@@ -68,9 +68,47 @@ class Int8:
         self.bf16 = w.bfloat16()
 
 
-def linear(x, w, b=None):
+def lora_adapter(module):
+    """(A (r, in), B (out, r), scale) of a peft LoRA layer's one active adapter, unmerged; None for a plain
+    Linear. Raises ValueError for what the runner does not implement (DoRA and other variants, a LoRA bias,
+    several active adapters): those models are merged instead."""
+    if not hasattr(module, "lora_A"):
+        return None
+    names = [n for n in module.active_adapters if n in module.lora_A]
+    if module.merged or len(names) != 1 or names[0] in getattr(module, "lora_variant", {}) \
+            or module.lora_B[names[0]].bias is not None:
+        raise ValueError(f"{type(module).__name__} with adapters {names}: not a single plain LoRA")
+    n = names[0]
+    return module.lora_A[n].weight.detach(), module.lora_B[n].weight.detach(), module.scaling[n]
+
+
+def lora_side(*modules):
+    """The LoRA adapters of projections whose outputs are concatenated (q, k, v; gate, up) as one (A, B, s):
+    A stacks every adapter's A, B is block-diagonal, s the scale of each output. Their contribution
+    F.linear(F.linear(x, A), B) * s is, row for row, peft's lora_B(lora_A(x)) * scaling. None if no adapter."""
+    parts = [lora_adapter(m) for m in modules]
+    if all(p is None for p in parts):
+        return None
+    outs = [m.weight.shape[0] for m in modules]
+    A = torch.cat([p[0] for p in parts if p is not None])
+    B = torch.zeros(sum(outs), A.shape[0], dtype=A.dtype)
+    s = torch.zeros(sum(outs), dtype=A.dtype)
+    row = col = 0
+    for p, n in zip(parts, outs):
+        if p is not None:
+            B[row:row + n, col:col + p[0].shape[0]] = p[1]
+            s[row:row + n] = p[2]
+            col += p[0].shape[0]
+        row += n
+    return A, B, s
+
+
+def linear(x, w, b=None, lora=None):
     """F.linear, or for an Int8 `w` the int8 kernel (few rows) or the bf16 matmul (many), bf16 inside, or
-    for a blocks.Block the lossless block kernel (few rows) or the dense fp32 matmul (many)."""
+    for a blocks.Block the lossless block kernel (few rows) or the dense fp32 matmul (many); plus an
+    unmerged LoRA side (A, B, s) when given, in peft's order."""
+    if lora is not None:
+        return linear(x, w, b) + F.linear(F.linear(x, lora[0]), lora[1]) * lora[2]
     if isinstance(w, blocks.Block):
         return blocks.linear(x, w, b)
     if not isinstance(w, Int8):
@@ -107,7 +145,10 @@ class LlamaRunner:
                 bqkv=cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
                 wo=a.o_proj.weight.detach(), bo=a.o_proj.bias,
                 wgu=cat(mlp.gate_proj.weight, mlp.up_proj.weight), bgu=cat(mlp.gate_proj.bias, mlp.up_proj.bias),
-                wd=mlp.down_proj.weight.detach(), bd=mlp.down_proj.bias))
+                wd=mlp.down_proj.weight.detach(), bd=mlp.down_proj.bias,
+                # unmerged LoRA adapters (only when the base stays in block form, see Decoder), or None
+                lqkv=lora_side(a.q_proj, a.k_proj, a.v_proj), lo=lora_side(a.o_proj),
+                lgu=lora_side(mlp.gate_proj, mlp.up_proj), ld=lora_side(mlp.down_proj)))
         self.emb, self.norm = m.embed_tokens.weight.detach(), m.norm.weight.detach()
         self.head = model.lm_head.weight.detach()
         if quantize == "int8":
@@ -143,7 +184,7 @@ class LlamaRunner:
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, S, D)
         for i, L in enumerate(self.layers):
             # attention: one matmul for q, k, v; rotary on q and k together; cache write in place
-            qkv = linear(rms_norm(x, L["ln1"], self.eps), L["wqkv"], L["bqkv"])
+            qkv = linear(rms_norm(x, L["ln1"], self.eps), L["wqkv"], L["bqkv"], L["lqkv"])
             qkv = qkv.view(B, S, H + 2 * KV, D).transpose(1, 2)
             qk = qkv[:, :H + KV]
             qk = qk * cos + qk.roll(D // 2, -1) * sin
@@ -151,10 +192,10 @@ class LlamaRunner:
             self.v[i].index_copy_(2, at, qkv[:, H + KV:])
             y = F.scaled_dot_product_attention(qk[:, :H], self.k[i, :, :, :kv_len], self.v[i, :, :, :kv_len],
                                                attn_mask=mask, scale=D ** -0.5, enable_gqa=KV != H)
-            x = x + linear(y.transpose(1, 2).reshape(B, S, H * D), L["wo"], L["bo"])
+            x = x + linear(y.transpose(1, 2).reshape(B, S, H * D), L["wo"], L["bo"], L["lo"])
             # MLP: gate and up in one matmul
-            g, u = linear(rms_norm(x, L["ln2"], self.eps), L["wgu"], L["bgu"]).chunk(2, dim=-1)
-            x = x + linear(F.silu(g) * u, L["wd"], L["bd"])
+            g, u = linear(rms_norm(x, L["ln2"], self.eps), L["wgu"], L["bgu"], L["lgu"]).chunk(2, dim=-1)
+            x = x + linear(F.silu(g) * u, L["wd"], L["bd"], L["ld"])
         return linear(rms_norm(x[:, -1], self.norm, self.eps), self.head).float()
 
     def step(self, tok, pos, valid, at):
@@ -205,8 +246,13 @@ class Decoder:
     """Greedy or sampled generation for a batch of prompts (token id lists of any lengths, left-padded)."""
 
     def __init__(self, model, *, compile: bool = False, quantize: str = "none", gguf_blocks: bool = True):
-        if getattr(model, "peft_config", None):  # a LoRA model: fold the adapter into the weights first
-            model = model.merge_and_unload()
+        if getattr(model, "peft_config", None):
+            # a LoRA model: on a base in GGUF block form the adapters stay apart (merging would leave the
+            # block form, and a dense model reads 4 bytes a weight); otherwise they are merged into the weights
+            if gguf_blocks and not compile and quantize == "none" and self.block_base_lora(model):
+                model = model.get_base_model()
+            else:
+                model = model.merge_and_unload()
         model.eval()
         if quantize != "none" and not LlamaRunner.supports(model):
             raise LmtuneError(f"--quantize {quantize} works for Llama-family models; "
@@ -217,6 +263,23 @@ class Decoder:
         self.fast = isinstance(self.runner, LlamaRunner)
         self.compile = compile and self.fast
         self._step = torch.compile(self.runner.step, dynamic=False, fullgraph=True) if self.compile else None
+
+    @staticmethod
+    def block_base_lora(model) -> bool:
+        """Whether a peft model is plain LoRA on a Llama whose base weights are GGUF blocks (so that the
+        runner reads the base in block form and adds the adapters unmerged)."""
+        base = model.get_base_model()
+        if not LlamaRunner.supports(base) or getattr(model, "modules_to_save", None) or not blocks.available():
+            return False
+        layers = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        try:
+            tuned = [(name, lora_adapter(m)) for name, m in base.named_modules() if hasattr(m, "lora_A")]
+        except ValueError:
+            return False
+        if not tuned or any(name.rsplit(".", 1)[-1] not in layers for name, _ in tuned):
+            return False
+        first = base.model.layers[0].mlp.gate_proj
+        return blocks.factor(getattr(first, "base_layer", first).weight) is not None
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(), pad_id: int = 0,
