@@ -31,23 +31,20 @@ def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict
         del messages[first]
 
 
-def reply(model, tokenizer, ids: list[int], cfg: ChatConfig, out) -> str:
-    """Generate the assistant's turn, writing each piece of text to `out` as soon as it is decoded."""
-    import torch
+def reply(decoder, tokenizer, ids: list[int], cfg: ChatConfig, out, seed: int, eos: list[int]) -> str:
+    """Generate the assistant's turn with `lmtune.decode`, writing each piece of text to `out` as soon as
+    it is decoded (the streamer holds back a piece until it is whole text)."""
     from transformers import TextIteratorStreamer
 
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                  max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
-                  pad_token_id=tokenizer.pad_token_id, streamer=streamer)
-    if cfg.temperature > 0:
-        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
     errors = []
 
     def run():
         try:
-            with torch.no_grad():
-                model.generate(**kwargs)
+            decoder.generate([ids], cfg.max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_token_id,
+                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=seed,
+                             on_token=streamer.put)
+            streamer.end()
         except Exception as e:  # re-raised below, in the main thread
             errors.append(e)
             streamer.end()
@@ -71,10 +68,13 @@ def chat(cfg: ChatConfig) -> list[dict]:
     import torch
 
     from lmtune import models
+    from lmtune.decode import Decoder
+    from lmtune.generate import stop_ids
 
     model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None)
     model.eval()
-    torch.manual_seed(cfg.seed)
+    eos = stop_ids(model, tokenizer)
+    decoder = Decoder(model)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     budget = max(context - cfg.max_new_tokens, 16)
     interactive = sys.stdin.isatty()
@@ -108,6 +108,6 @@ def chat(cfg: ChatConfig) -> list[dict]:
         messages, ids = fit_history(tokenizer, messages, budget)
         if interactive:
             sys.stdout.write("bot> ")
-        answer = reply(model, tokenizer, ids, cfg, sys.stdout)
+        answer = reply(decoder, tokenizer, ids, cfg, sys.stdout, cfg.seed + len(history), eos)
         history = [m for m in messages if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
     return history

@@ -265,6 +265,16 @@ class Decoder:
         self._step = torch.compile(self.runner.step, dynamic=False, fullgraph=True) if self.compile else None
 
     @staticmethod
+    def runs_unchanged(model) -> bool:
+        """Whether Decoder(model) leaves `model` as it is and decodes it as its own forward would: no
+        autocast around, every parameter in one dtype, and no adapter to merge (none, or LoRA kept apart)."""
+        if torch.is_autocast_enabled("cpu") or (torch.cuda.is_available() and torch.is_autocast_enabled("cuda")):
+            return False
+        if len({p.dtype for p in model.parameters()}) != 1 or next(model.parameters()).device.type != "cpu":
+            return False
+        return not getattr(model, "peft_config", None) or Decoder.block_base_lora(model)
+
+    @staticmethod
     def block_base_lora(model) -> bool:
         """Whether a peft model is plain LoRA on a Llama whose base weights are GGUF blocks (so that the
         runner reads the base in block form and adds the adapters unmerged)."""
@@ -283,9 +293,11 @@ class Decoder:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(), pad_id: int = 0,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 on_token=None):
         """(rows, steps) token ids, as HF's generate returns them after the prompt: a row that hit EOS keeps
-        the EOS and then holds `pad_id`; steps stop when every row is done or at `max_new_tokens`."""
+        the EOS and then holds `pad_id`; steps stop when every row is done or at `max_new_tokens`.
+        `on_token(ids)`, if given, sees each step's (rows,) ids as soon as they are picked (streaming)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise LmtuneError("generate needs at least one prompt, and no empty prompt")
         B, S = len(prompts), max(len(p) for p in prompts)
@@ -319,6 +331,8 @@ class Decoder:
         for n in range(max_new_tokens):
             tok = pick(logits, temperature, top_k, top_p, gen).masked_fill(done, pad_id)
             out.append(tok)
+            if on_token is not None:
+                on_token(tok)
             done |= torch.isin(tok, eos)
             if n == max_new_tokens - 1 or bool(done.all()):
                 break

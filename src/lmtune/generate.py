@@ -19,6 +19,14 @@ def format_prompt(tokenizer, meta: dict, prompt: str, template: str) -> str:
     return prompt
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """The model's own stop tokens, as HF's generate uses them (generation_config, else the tokenizer's EOS)."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    eos = [tokenizer.eos_token_id] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return [e for e in eos if e is not None]
+
+
 def generate(cfg: GenerateConfig) -> str:
     import torch
 
@@ -29,12 +37,8 @@ def generate(cfg: GenerateConfig) -> str:
     meta = models.read_lmtune_file(models.resolve(cfg.model))
     text = format_prompt(tokenizer, meta, cfg.prompt, cfg.template)
     ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
-    # the model's own stop tokens, as HF's generate uses them (generation_config, else the tokenizer's EOS)
-    eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
-    eos = [tokenizer.eos_token_id] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    # a LoRA adapter is merged into the weights for inference
     decoder = Decoder(model, compile=cfg.compile, quantize=cfg.quantize)
-    out = decoder.generate([ids], cfg.max_new_tokens, eos_ids=[e for e in eos if e is not None],
+    out = decoder.generate([ids], cfg.max_new_tokens, eos_ids=stop_ids(model, tokenizer),
                            pad_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, seed=cfg.seed)
     completion = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)

@@ -108,13 +108,26 @@ def encode_all(rows: list[dict], tokenizer, max_length: int, path: str) -> list[
 
 
 def respond(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    """Greedy answers to user prompts, batched with left padding."""
+    """Greedy answers to user prompts, batched with left padding: through `lmtune.decode` when it can run
+    the model as it is (fp32 or one dtype throughout, no autocast, no adapter it would have to merge),
+    else through HF's generate. Both give the same greedy tokens in fp32."""
     import torch
 
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    from lmtune.decode import Decoder
+    from lmtune.generate import stop_ids
+
+    model.eval()
     out = []
+    if Decoder.runs_unchanged(model):
+        decoder, eos = Decoder(model), stop_ids(model, tokenizer)
+        for i in range(0, len(prompts), batch_size):
+            ids = [tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]
+                   for p in prompts[i:i + batch_size]]
+            gen = decoder.generate(ids, max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_token_id)
+            out += [s.strip() for s in tokenizer.batch_decode(gen, skip_special_tokens=True)]
+        return out
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        model.eval()
         for i in range(0, len(prompts), batch_size):
             texts = [prompt_text(tokenizer, p) for p in prompts[i:i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
