@@ -145,8 +145,8 @@ def factor(w: torch.Tensor) -> Block | None:
     """`w` (N, K) as a Block when every weight is exactly GGUF Q4_1 (d*q + m, q in 0..15) or Q8_0 (d*q,
     q in -128..127) with fp16 d and m over runs of 32; else None (also when there is no kernel)."""
     lib = _library()
-    if lib is None or w.dim() != 2 or w.dtype != torch.float32 or w.shape[1] % 32:
-        return None
+    if lib is None or w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[1] % 32:
+        return None  # the kernel is for CPU fp32 matrices of whole blocks
     w = w.detach().contiguous()
     N, K = w.shape
     d, m = torch.empty(N, K // 32), torch.empty(N, K // 32)
