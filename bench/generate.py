@@ -3,6 +3,7 @@
     python bench/generate.py --quick          # ~2 minutes: 3 prompts at batch 1, one batch of 8, 32 new tokens
     python bench/generate.py                  # 8 prompts at batch 1, 2 batches of 8, 64 new tokens
     python bench/generate.py --compile        # also lmtune with the one-token step torch.compiled
+    python bench/generate.py --model runs/demo/adapter   # a LoRA adapter on SmolLM2 (after `make demo`)
 
 SmolLM2-135M-Instruct; the first Alpaca instructions of ../shared/data/alpaca/alpaca_5000.json rendered
 through the chat template; greedy, stop at EOS or max_new_tokens. Contenders run alternately (prompt by
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 prompts at batch 1, 1 batch of 8, 32 new tokens")
     ap.add_argument("--max-new-tokens", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="also lmtune fp32 with a compiled step (slow compile)")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="a SmolLM2-135M-Instruct alias, folder or LoRA adapter folder (e.g. runs/demo/adapter)")
     args = ap.parse_args()
     n_new = args.max_new_tokens or (32 if args.quick else 64)
     n_b1, n_b8_batches = (3, 1) if args.quick else (8, 2)
@@ -106,19 +109,26 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    fp32, tok = models.load_causal_lm("smollm2-135m")
-    bf16, _ = models.load_causal_lm("smollm2-135m", dtype=torch.bfloat16)
-    fp32.eval(), bf16.eval()
+
+    def load(dtype=None):
+        model, tok = models.load_causal_lm(args.model, dtype=dtype)
+        return model.eval(), tok
+
+    (fp32, tok), (bf16, _) = load(), load(torch.bfloat16)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     ps = prompts(tok, max(n_b1, 8 * n_b8_batches))
+    # a contender that merges a LoRA adapter into the weights (all but "lmtune fp32" on a block base) gets
+    # its own copy of the model, so that HF runs the adapter unmerged, as peft does
+    copy = (lambda dtype=None: load(dtype)[0]) if getattr(fp32, "peft_config", None) else \
+        (lambda dtype=None: bf16 if dtype else fp32)
     contenders = {"HF fp32": HF(fp32, tok), "HF bf16": HF(bf16, tok),
-                  "lmtune fp32": Ours(fp32, tok), "lmtune fp32 dense": Ours(fp32, tok, gguf_blocks=False),
-                  "lmtune bf16": Ours(bf16, tok),
-                  "lmtune int8": Ours(fp32, tok, quantize="int8")}  # int8 weights from the fp32 model
+                  "lmtune fp32": Ours(fp32, tok), "lmtune fp32 dense": Ours(copy(), tok, gguf_blocks=False),
+                  "lmtune bf16": Ours(copy(torch.bfloat16), tok),
+                  "lmtune int8": Ours(copy(), tok, quantize="int8")}  # int8 weights from the fp32 model
     if args.compile:
-        contenders["lmtune fp32 compile"] = Ours(fp32, tok, compile=True)
+        contenders["lmtune fp32 compile"] = Ours(copy(), tok, compile=True)
     precision = {name: ("bf16" if "bf16" in name else "fp32") for name in contenders}
-    print(f"SmolLM2-135M-Instruct, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"{args.model}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; {n_new} new tokens max; load {time.perf_counter() - t0:.1f}s")
 
     workloads = {1: [[p] for p in ps[:n_b1]], 8: [ps[8 * i:8 * i + 8] for i in range(n_b8_batches)]}
