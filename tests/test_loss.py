@@ -162,3 +162,30 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["in_a_row"] for r in rows if r.get("skipped_nonfinite")] == [1, 2, 3]
+
+
+def test_matmul_attention_only_where_it_pays_and_gives_the_same_loss():
+    """bf16 + compile on a CPU with short unpacked rows switches to HF's eager (matmul) attention, nothing
+    else does; and eager attention gives SDPA's loss and gradients under bf16 autocast."""
+    from types import SimpleNamespace as NS
+
+    from lmtune.train.loop import matmul_attention_pays
+
+    cpu, rows, packed = torch.device("cpu"), _examples(), [{"input_ids": [1] * 8, "position_ids": list(range(8))}]
+    assert matmul_attention_pays(NS(compile=True, bf16=True), rows, cpu)
+    assert not matmul_attention_pays(NS(compile=False, bf16=True), rows, cpu)
+    assert not matmul_attention_pays(NS(compile=True, bf16=False), rows, cpu)
+    assert not matmul_attention_pays(NS(compile=True, bf16=True), packed, cpu)
+    assert not matmul_attention_pays(NS(compile=True, bf16=True), [{"input_ids": [1] * 513}], cpu)
+    assert not matmul_attention_pays(NS(compile=True, bf16=True), rows, torch.device("meta"))
+    batch, results = collate(_examples(), pad_id=0), []
+    for impl in ("sdpa", "eager"):
+        model = _model()
+        model.set_attn_implementation(impl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s, n = L.causal_lm_loss(model, batch)
+        (s / n).backward()
+        results.append((s / n, [p.grad.clone() for p in model.parameters()]))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, rtol=1e-2)
+    assert all(torch.allclose(x, y, rtol=0.05, atol=1e-3) for x, y in zip(ga, gb))
