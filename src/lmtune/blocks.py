@@ -2,16 +2,17 @@
 
 A model converted from a GGUF file holds, in every run of 32 weights along a row, only values d*q + m, with
 d and m fp16 numbers and q a 4-bit (Q4_1: 0..15) or 8-bit (Q8_0: -128..127, m = 0) integer. `factor` finds
-d, q and m back from the fp32 matrix and checks that every weight is reproduced bit for bit (0.1 s for
-SmolLM2-135M); if one is not (a fine-tuned or merged model), the matrix stays dense. A decoded token then reads 0.625 (4-bit) or 1.125
-(8-bit) bytes a weight instead of 4. `linear` rebuilds each weight in fp32 (d*q is exact in fp32, so d*q + m
-is the very fp32 weight) and accumulates in fp32 like any fp32 matmul; only the order of the sum differs.
+d, q and m back from the fp32 matrix and checks that every weight is reproduced bit for bit (~0.5 s for
+SmolLM2-135M); if one is not (a fine-tuned or merged model), the matrix stays dense. A decoded token then
+reads 0.625 (4-bit) or 1.125 (8-bit) bytes a weight instead of 4. `linear` rebuilds each weight in fp32
+(d*q is exact in fp32, so d*q + m is the very fp32 weight) and accumulates in fp32 like any fp32 matmul;
+only the order of the sum differs.
 
     blk = factor(w)                 # a Block, or None when w is not exactly in block form
     y = linear(x, blk)              # == F.linear(x, w) up to fp32 summation order
 
-The kernels (below, ~80 lines of C++) is compiled once per machine with the system compiler (`c++ -O3
--march=native -fopenmp`, about 2 s) into the lmtune cache and loaded with ctypes. It runs on torch's own
+The kernels (below, ~80 lines of C++) are compiled once per machine with the system compiler (`c++ -O3
+-march=native -fopenmp`, 0.4 s here) into the lmtune cache and loaded with ctypes. They run on torch's own
 OpenMP threads: torch has already loaded its libgomp.so.1, so the library binds to that one. No compiler,
 or a failed build: `available()` is False and callers keep dense weights.
 """
