@@ -7,10 +7,29 @@ A 2-layer Llama (decoder) and a 1-layer BART (encoder-decoder), both with the GP
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data() -> Path:
+    """The data sets: $LMTUNE_SHARED_DATA, else ../shared/data next to this checkout, else, for a clone of a
+    local checkout (`git clone . /tmp/fresh`), ../shared/data next to the checkout it was cloned from."""
+    root = Path(__file__).resolve().parents[1]
+    here = root.parent / "shared" / "data"
+    candidates = [os.environ.get("LMTUNE_SHARED_DATA"), here]
+    try:
+        origin = subprocess.run(["git", "-C", str(root), "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        origin = ""
+    if origin and Path(origin).is_dir():
+        candidates.append(Path(origin).resolve().parent / "shared" / "data")
+    return next((Path(c) for c in candidates if c and Path(c).is_dir()), here)
+
+
+SHARED = shared_data()
 
 
 def gpt2_tokenizer():

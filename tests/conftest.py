@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from _tiny_models import SHARED  # the one place that finds ../shared/data
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def run_cli(*args, timeout=600, env=None):
