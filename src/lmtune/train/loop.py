@@ -184,12 +184,11 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
     steps = total_steps(cfg, len(examples))
     # DDP needs the forward to run through its wrapper: the wrapper's forward is the task's loss
     model = distributed.place(model)
-    if matmul_attention_pays(cfg, examples, next(model.parameters()).device) and \
-            hasattr(model, "set_attn_implementation"):
+    device = next(model.parameters()).device
+    if matmul_attention_pays(cfg, examples, device) and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # for this run only: the saved config does not keep it
     engine = distributed.wrap(model, w, torch.compile(loss_fn) if cfg.compile else loss_fn)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    device = next(model.parameters()).device
     scheduler = build_scheduler(optimizer, cfg, steps)
     autocast = torch.autocast("cuda" if next(model.parameters()).is_cuda else "cpu", dtype=torch.bfloat16) \
         if cfg.bf16 else nullcontext()
