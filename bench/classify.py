@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "sst2"
+DATA = Path(os.environ.get("LMTUNE_SHARED_DATA") or ROOT.parent / "shared" / "data") / "sst2"
 MODEL = "minilm-l6"
 WARMUP = 3  # optimizer steps not timed
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("LMTUNE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def _finetune(budget_min: float, work: Path, name: str, **kw) -> Path:

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("LMTUNE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

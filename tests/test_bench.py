@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _tiny_models import SHARED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -12,7 +14,7 @@ def test_throughput_quick_mode_runs():
     """Workload (b) of bench/throughput.py --quick: lmtune trains, its row has real numbers, and a peer
     whose packages are missing (no `make bench-setup`) is reported as failed instead of crashing."""
     proc = subprocess.run([sys.executable, "bench/throughput.py", "--quick", "--workload", "b"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", "LMTUNE_SHARED_DATA": str(SHARED)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
             if line.startswith(("lmtune ", "HF ")) and " / " not in line}  # table rows, not the ratio lines
