@@ -1,4 +1,10 @@
-"""Shared test fixtures: small real models and data, built once per session, no network."""
+"""Shared test fixtures: small real models and data, built once per session, no network.
+
+The whole session runs with its own lmtune cache (`LMTUNE_CACHE` under pytest's temporary directory, set
+before any test runs and inherited by every `python -m lmtune` subprocess), so a user's converted models,
+kernels and machine rates never reach the tests, and the tests never write into the user's cache. The
+real `~/.cache/lmtune` is compared before and after the session: anything new there fails the run.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The user's real cache, as lmtune would find it without LMTUNE_CACHE (read only by the guard below).
+USER_CACHE = Path(os.path.expanduser("~")) / ".cache" / "lmtune"
+
+
+def _listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.is_dir() else set()
+
+
+def pytest_configure(config):
+    config.stash[_USER_CACHE_BEFORE] = _listing(USER_CACHE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    new = sorted(_listing(USER_CACHE) - session.config.stash.get(_USER_CACHE_BEFORE, set()))
+    if new:
+        print(f"\nerror: the test session wrote into the user's lmtune cache {USER_CACHE}: "
+              f"{', '.join(new[:5])}{' ...' if len(new) > 5 else ''}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_USER_CACHE_BEFORE = pytest.StashKey[set]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory) -> Path:
+    """This session's own lmtune cache; the tests share it (SmolLM2's GGUF is converted once into it)."""
+    cache = tmp_path_factory.mktemp("lmtune-cache")
+    os.environ["LMTUNE_CACHE"] = str(cache)
+    return cache
 
 
 def run_cli(*args, timeout=600, env=None):

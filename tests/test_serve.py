@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -31,11 +30,9 @@ def tiny_model_dir(out: Path) -> Path:
     (initializer_range) so greedy decoding wanders over many tokens instead of repeating one."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    found = glob.glob(str(Path.home() / ".cache/lmtune/gguf/*/tokenizer.json"))
-    if not found:
-        from lmtune import models
-        found = [str(Path(models.resolve("smollm2-135m")) / "tokenizer.json")]
-    src = Path(found[0]).parent
+    from lmtune import models
+
+    src = Path(models.resolve("smollm2-135m"))  # the package's GGUF, converted into the session's cache
     out.mkdir(parents=True, exist_ok=True)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(src / f, out / f)
