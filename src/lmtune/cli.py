@@ -17,6 +17,7 @@ import typing
 
 from lmtune import config as C
 from lmtune.errors import LmtuneError
+from lmtune.train import budget
 
 # verb -> (config class, "module:function", one-line summary)
 VERBS = {
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__version__)
         return
     verb = argv[0]
+    budget.mark_start()  # a --budget counts from here, before the heavy imports
     try:
         if verb not in VERBS:
             close = difflib.get_close_matches(verb, list(VERBS), n=1)
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
     finally:
+        budget.run_start()  # a mark the verb did not take must not reach a later run in this process
         if "torch.distributed" in sys.modules:
             import torch.distributed as dist
 

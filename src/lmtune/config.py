@@ -43,11 +43,17 @@ class TrainConfig:
     grad_accum: int = opt(1, "Micro-batches per optimizer step (loss normalised by target tokens).", min=1)
     max_steps: int = opt(0, "Optimizer steps to take; 0 means use --epochs.", min=0)
     epochs: float = opt(1.0, "Passes over the training data when --max-steps is 0.", min=0.0)
+    budget: str = opt("", "Wall-clock budget for the whole run (e.g. 90s, 30m, 2h, 1h30m), loading, validation and "
+                          "saving included: the number of steps is set from the measured step time and re-planned as "
+                          "the run goes, the schedule decays to that end, and --resume keeps it. Not with "
+                          "--max-steps or --epochs.")
     optimizer: str = opt("adamw", "Optimizer.", choices=("sgd", "adam", "adamw", "rmsprop"))
     learning_rate: float = opt(3e-4, "Peak learning rate.", min=0.0)
     weight_decay: float = opt(0.0, "Weight decay (decoupled for adamw).", min=0.0)
     momentum: float = opt(0.9, "Momentum for sgd and rmsprop.", min=0.0, max=1.0)
-    schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("constant", "linear", "cosine"))
+    schedule: str = opt("cosine", "Learning-rate schedule after warmup (wsd: warmup-stable-decay, constant then "
+                                  "linear decay over the last 20%% of the steps).",
+                        choices=("constant", "linear", "cosine", "wsd"))
     warmup_steps: int = opt(0, "Steps of linear warmup from 0 to --learning-rate.", min=0)
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value; 0 turns clipping off.", min=0.0)
     seed: int = opt(0, "Seed for initialisation, data order and dropout.")

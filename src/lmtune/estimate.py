@@ -342,9 +342,10 @@ def _operands(shapes, dtype, cold: bool = True):
     the benchmark must not keep reading the same few megabytes from the last-level cache."""
     import torch
 
-    if (dtype, cold) not in _POOL:  # a warm pool: a quarter of the cache, read again and again
-        size = 384 * MB if cold else min(64 * MB, last_level_cache() // 4)
-        _POOL[dtype, cold] = [torch.empty(size // dtype.itemsize, dtype=dtype).uniform_(-1, 1), 0]
+    need = sum(math.prod(shape) for shape in shapes)  # a large operand (a wide vocabulary) may not fit the pool
+    if (dtype, cold) not in _POOL or _POOL[dtype, cold][0].numel() < need:
+        size = 384 * MB if cold else min(64 * MB, last_level_cache() // 4)  # warm: a quarter of the cache
+        _POOL[dtype, cold] = [torch.empty(max(size // dtype.itemsize, need), dtype=dtype).uniform_(-1, 1), 0]
     pool, at = _POOL[dtype, cold]
     out = []
     for shape in shapes:
@@ -673,10 +674,24 @@ def estimate(cfg: EstimateConfig) -> dict:
     asked = next(r for r in rows if (r["lora"], r["ckpt"], r["bf16"]) == (lora, run.activation_checkpointing, run.bf16))
     asked["asked"] = True
     result = {"model": getattr(run, "model", None) or run.model_size, "steps": asked["steps"], "variants": rows}
+    if run.budget:  # the inverse question: what the budget buys at the predicted step time
+        result["budget"] = bought(run, asked["step_s"], sum(rows for rows, _, _ in batches))
     if cfg.check:
         result["check"] = check(cfg, asked)
     print(json.dumps(result) if cfg.json else format_estimate(result))
     return result
+
+
+def bought(run, step_s: float, n_examples: int) -> dict:
+    """Steps, examples and epochs that `run.budget` buys at `step_s` seconds a step (training time only:
+    loading, validation and saving come out of the budget too)."""
+    from lmtune.train.budget import check as check_budget
+
+    seconds = check_budget(run)
+    steps = int(seconds / step_s) if step_s > 0 else 0
+    examples = steps * run.batch_size * run.grad_accum
+    epochs = round(examples / n_examples, 2) if n_examples else None
+    return {"seconds": seconds, "steps": steps, "examples": examples, "epochs": epochs}
 
 
 def _predict(shape: Shape, run, batches, lora: bool, ckpt: bool, bf16: bool) -> dict:
@@ -698,6 +713,11 @@ def format_estimate(result: dict) -> str:
                      f"{r['weights_mb']:>8.0f} {r['optimizer_mb']:>8.0f} {r['activations_mb']:>8.0f} "
                      f"{r['gradients_mb']:>8.0f} {r['baseline_mb']:>6.0f} {r['peak_mb']:>8.0f} {r['step_s']:>7.3f} "
                      f"{_duration(r['run_s']):>9}" + ("  <- this run" if r.get("asked") else ""))
+    if "budget" in result:
+        b = result["budget"]
+        lines.append(f"budget {_duration(b['seconds'])} buys about {b['steps']} steps, {b['examples']} examples"
+                     + (f" ({b['epochs']} epochs)" if b["epochs"] is not None else "")
+                     + " at this run's predicted step time (before loading, validation and saving)")
     if "check" in result:
         c = result["check"]
         lines.append(f"check ({c['steps']} real steps): peak memory predicted {c['predicted_mb']:.0f} MB, measured "

@@ -49,6 +49,9 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     check, encode, collate, loss, evaluate). `on_validation(step, metrics)` goes to the loop
     (`lmtune sweep` reports and prunes through it).
     """
+    from lmtune.train import budget
+
+    started = budget.run_start()  # a --budget counts from here: loading and encoding are part of the run
     import torch
 
     from lmtune import models
@@ -62,6 +65,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     distributed.setup(cfg.distributed)
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite)
+    seconds = budget.check(cfg)
     metric, mode = watched_metric(cfg, task.METRICS)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -91,8 +95,6 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
               f"{trainable / 1e6:.2f}M trainable; {n_rows if cfg.pack else len(examples)} training examples"
               f"{packed} from {len(rows)} rows, {len(eval_rows)} validation rows", file=sys.stderr)
 
-    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite)
-    write_run_info(out, "finetune", to_dict(cfg), {"parameters": total, "trainable_parameters": trainable})
     meta = {"base_model": cfg.model, **meta, "lora": cfg.lora}
     coll = task.collate(tokenizer, meta)
 
@@ -102,10 +104,16 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
         loss = result["loss"] if "loss" in result else mean_loss(m, eval_examples, coll, task.loss, cfg.batch_size)
         return {"val_loss": float(loss), **{f"val_{k}": float(result[k]) for k in task.METRICS}}
 
+    plan = budget.plan_for(cfg, seconds, started, model, examples, coll, task.loss,
+                           evaluate if eval_rows else None) if seconds else None
+
+    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite)
+    write_run_info(out, "finetune", to_dict(cfg), {"parameters": total, "trainable_parameters": trainable})
+
     last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate if eval_rows else None,
                resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"),
                metric=metric, mode=mode, patience=cfg.early_stopping_patience,
-               save_best=best_saver(out, tokenizer, meta), on_validation=on_validation)
+               save_best=best_saver(out, tokenizer, meta), on_validation=on_validation, plan=plan)
     models.save_model(model, tokenizer, out, meta)
     plot_loss(out)
     if distributed.world().is_main:

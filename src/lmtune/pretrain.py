@@ -61,6 +61,9 @@ def load_tokenizer_path(path: str):
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Tokenizer, model from a preset, train/validation split, the training loop, a Hugging Face folder."""
+    from lmtune.train import budget
+
+    started = budget.run_start()  # a --budget counts from here
     import torch
 
     from lmtune import models
@@ -74,6 +77,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     distributed.setup(cfg.distributed)
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite)
+    seconds = budget.check(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     text = read_text(cfg.data)
@@ -97,15 +101,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
               f"{n_tokens} training tokens in {len(examples)} blocks, {len(val_examples)} validation blocks",
               file=sys.stderr)
 
+    coll = partial(collate, pad_id=tokenizer.pad_token_id)
+    evaluate = (lambda m: {"val_loss": mean_loss(m, val_examples, coll, task.loss, cfg.batch_size)}) \
+        if val_examples else None
+    plan = budget.plan_for(cfg, seconds, started, model, examples, coll, task.loss, evaluate) if seconds else None
+
     out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite)
     if not cfg.resume and distributed.world().is_main:
         tokenizer.save_pretrained(out / "tokenizer")
     write_run_info(out, "pretrain", to_dict(cfg), {"parameters": total, "train_tokens": n_tokens})
-    coll = partial(collate, pad_id=tokenizer.pad_token_id)
-    evaluate = (lambda m: {"val_loss": mean_loss(m, val_examples, coll, task.loss, cfg.batch_size)}) \
-        if val_examples else None
     last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate,
-               resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"))
+               resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"), plan=plan)
     models.save_model(model, tokenizer, out, {"task": "lm", "model_size": cfg.model_size})
     plot_loss(out)
     if distributed.world().is_main:

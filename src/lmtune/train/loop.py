@@ -8,6 +8,7 @@ between tasks comes in as arguments: the encoded examples, how to collate them, 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import random
 import signal
@@ -169,19 +170,20 @@ class _StopFlag:
 def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_fn: Callable,
         evaluate: Callable | None = None, resume_command: str = "", metric: str = "val_loss",
         mode: str = "min", patience: int = 0, save_best: Callable | None = None,
-        on_validation: Callable | None = None) -> dict:
+        on_validation: Callable | None = None, plan=None) -> dict:
     """Train `model` in place on `examples`; returns the last logged metrics.
 
     `evaluate(model) -> metrics` runs every `cfg.eval_every` steps and at the end. When `metrics[metric]`
     improves (`mode` 'max' or 'min') `save_best(model, step, metrics)` is called; after `patience`
     validations without improvement (0: never) training stops early, with a final checkpoint.
     `on_validation(step, metrics)` is called after each validation; it may raise to stop the run (a sweep
-    prunes a poor trial this way).
+    prunes a poor trial this way). `plan` (a `train.budget.Plan`, for --budget) sets the number of steps
+    from the time measured as the run goes, instead of --max-steps/--epochs.
     """
     from tqdm import tqdm
 
     out, w = Path(out), distributed.world()
-    steps = total_steps(cfg, len(examples))
+    steps = plan.total if plan else total_steps(cfg, len(examples))
     # DDP needs the forward to run through its wrapper: the wrapper's forward is the task's loss
     model = distributed.place(model)
     device = next(model.parameters()).device
@@ -189,7 +191,7 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
         model.set_attn_implementation("eager")  # for this run only: the saved config does not keep it
     engine = distributed.wrap(model, w, torch.compile(loss_fn) if cfg.compile else loss_fn)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    scheduler = build_scheduler(optimizer, cfg, steps)
+    scheduler = build_scheduler(optimizer, cfg, (lambda: plan.total) if plan else steps)
     autocast = torch.autocast("cuda" if next(model.parameters()).is_cuda else "cpu", dtype=torch.bfloat16) \
         if cfg.bf16 else nullcontext()
 
@@ -197,6 +199,8 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
     if cfg.resume and list_checkpoints(out):
         state = load_checkpoint(list_checkpoints(out)[-1], model, optimizer, scheduler)
         start = state["step"]
+        if plan and "planned_steps" in state.get("extra", {}):  # --budget: continue to the end it planned
+            plan.fixed = steps = plan.total = state["extra"]["planned_steps"]
         if w.is_main:
             print(f"resuming from step {start} ({list_checkpoints(out)[-1]})", file=sys.stderr)
     log = MetricsLog(out, resume_step=start if cfg.resume else None) if w.is_main else _NoLog()
@@ -209,7 +213,9 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
     t_start, tokens_seen, bad_in_a_row = time.perf_counter(), 0, 0
     best, evals_since_best = None, 0  # not restored on --resume: the first validation sets it again
     with _StopFlag() as stop:
-        for step in range(start, steps):
+        for step in itertools.count(start):  # to `steps`, which a --budget plan may move as it learns
+            if step >= steps:
+                break
             t0 = time.perf_counter()
             # 1. this step's micro-batches; the loss is normalised by the target tokens of all of them,
             #    so every token weighs the same whatever micro-batch it fell into
@@ -259,12 +265,18 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
                     "target_tokens_per_s": n_targets / dt, "target_tokens": n_targets, "tokens": n_tokens,
                     "elapsed_s": time.perf_counter() - t_start, "peak_mem_mb": peak_memory_mb()}
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-                log.write(last)
+                log.write({**last, "planned_steps": plan.total} if plan else last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_seen / last['elapsed_s']:.0f}")
             bar.update(1)
+            if plan:  # --budget: the run's length from the step time measured so far and the time left
+                steps = plan.saw_step(step + 1, dt)
+                if w.size > 1:  # every rank must stop at the same step: all take the mean of their plans
+                    steps = plan.total = round(distributed.all_sum([steps])[0] / w.size)
+                bar.total = steps
             # 5. validate
             done = step + 1 == steps
             if evaluate and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
+                t_eval = time.perf_counter()
                 with distributed.gathered(engine), autocast:  # validation in the training precision
                     metrics = evaluate(model)
                 model.train()
@@ -280,6 +292,8 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
                         save_best(model, step + 1, metrics)
                 else:
                     evals_since_best += 1
+                if plan:  # a validation's cost includes saving the best model
+                    plan.saw_eval(time.perf_counter() - t_eval)
                 if patience and evals_since_best >= patience and not done:
                     bar.write(f"early stopping at step {step + 1}: {metric} has not improved on {best:.4f} "
                               f"for {patience} validations")
@@ -291,7 +305,11 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
             #    the others go on to the next step, and they would wait on each other)
             stopping = bool(distributed.all_sum([bool(stop.signal)])[0]) if w.size > 1 else bool(stop.signal)
             if (step + 1) % cfg.save_every == 0 or done or stopping:
-                save_checkpoint(out, step + 1, model, optimizer, scheduler, cfg.keep_checkpoints)
+                t_save = time.perf_counter()
+                save_checkpoint(out, step + 1, model, optimizer, scheduler, cfg.keep_checkpoints,
+                                {"planned_steps": steps} if plan else None)
+                if plan:
+                    plan.saw_save(time.perf_counter() - t_save)
             if stopping and not done:
                 bar.close()
                 raise Interrupted(f"stopped by {stop.signal or 'SIGTERM'} after step {step + 1} of {steps}; "

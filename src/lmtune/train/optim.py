@@ -1,8 +1,10 @@
-"""Optimizers and learning-rate schedules (linear warmup, then constant, linear or cosine decay to 0)."""
+"""Optimizers and learning-rate schedules (linear warmup, then constant, linear or cosine decay to 0, or
+warmup-stable-decay: constant, then linear decay to 0 over the last 20% of the steps)."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -31,9 +33,16 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "linear":
         return 1.0 - progress
+    if schedule == "wsd":  # warmup-stable-decay: the end can move (--budget) without touching the stable part
+        return min(1.0, (1.0 - progress) / WSD_DECAY)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, cfg, total_steps: int):
+WSD_DECAY = 0.2  # the share of the steps over which warmup-stable-decay decays
+
+
+def build_scheduler(optimizer, cfg, total_steps: int | Callable[[], int]):
+    """LambdaLR over `total_steps`; a callable is read at every step (a --budget run re-plans its end)."""
+    total = total_steps if callable(total_steps) else (lambda: total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule))
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total(), cfg.schedule))
