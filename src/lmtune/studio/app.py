@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
@@ -67,13 +67,17 @@ def create_app(workspace: Path, readable: list[Path], token: str = "", hosts: se
             raise LmtuneError(f"run {run_id}: not inside the workspace {ws}")
         return p
 
+    page = _one_page()
+
     @app.get("/")
     async def index():
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        # one response paints the Runs page: styles, scripts and the current list of runs inlined
+        runs = json.dumps({"workspace": str(ws), "runs": R.list_runs(ws)}).replace("</", "<\\/")
+        return HTMLResponse(page.replace("/*INITIAL*/null", runs), headers={"Cache-Control": "no-cache"})
 
     @app.get("/api/runs")
     async def list_runs():
-        return {"workspace": str(ws), "runs": R.list_runs(ws)}
+        return JSONResponse({"workspace": str(ws), "runs": R.list_runs(ws)})
 
     @app.get("/api/runs/events")
     async def runs_events(request: Request):
@@ -95,7 +99,7 @@ def create_app(workspace: Path, readable: list[Path], token: str = "", hosts: se
         config = info.get("config") or record.get("config") or {}
         log = R.log_path(ws, id)
         tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
-        argv = record.get("argv") or R.argv_of(verb, config)
+        argv = [a for a in record.get("argv") or R.argv_of(verb, config) if a != "--resume"]
         return {"summary": R.summary(ws, id), "config": config, "folder": str(folder),
                 "command": shlex.join(["lmtune", verb, *argv]), "metrics": R.read_metrics(folder),
                 "log": tail, "best": str(folder / "best") if (folder / "best").is_dir() else "",
@@ -106,10 +110,11 @@ def create_app(workspace: Path, readable: list[Path], token: str = "", hosts: se
         folder = run_folder(id)
 
         async def stream():
-            sent, last_row, status = 0, None, None
+            sent, last_row, status = -1, None, None
             while not await request.is_disconnected():
                 rows = R.read_metrics(folder)
-                if len(rows) < sent or (sent and rows[sent - 1] != last_row):  # rewritten (resume, overwrite)
+                # all rows first, and again whenever the file was rewritten (resume, overwrite)
+                if sent < 0 or len(rows) < sent or (sent and rows[sent - 1] != last_row):
                     yield _sse("reset", rows)
                     sent = len(rows)
                 elif len(rows) > sent:
@@ -193,6 +198,16 @@ def create_app(workspace: Path, readable: list[Path], token: str = "", hosts: se
     return app
 
 
+def _one_page() -> str:
+    """index.html with its stylesheet and scripts inlined (no request waits for another)."""
+    html = (STATIC / "index.html").read_text()
+    html = html.replace('<link rel="stylesheet" href="/static/style.css">',
+                        f"<style>\n{(STATIC / 'style.css').read_text()}</style>")
+    for name in ("chart.js", "app.js"):
+        html = html.replace(f'<script src="/static/{name}"></script>', f"<script>\n{(STATIC / name).read_text()}</script>")
+    return html
+
+
 class Playground:
     """/play/RUN_ID/v1/...: `lmtune serve`'s app (create_app over load_model and make_state) for the run's
     model, loaded on first use; one model at a time (the studio is one person's)."""
@@ -234,7 +249,8 @@ def _serve_app(folder: Path, run_id: str):
     from lmtune.config import ServeConfig
 
     cfg = ServeConfig(model=str(folder), model_name=run_id, max_tokens=256)
-    state = serve.make_state(*serve.load_model(cfg), cfg)
+    model, tokenizer, meta = serve.load_model(cfg)
+    state = serve.make_state(model, tokenizer, cfg, meta)
     return run_id, serve.create_app(state), state
 
 

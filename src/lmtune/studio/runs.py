@@ -240,8 +240,31 @@ def wall_time(train: list[dict]) -> float:
     return total + prev
 
 
+_SUMMARIES: dict[tuple, dict] = {}  # (workspace, id, stats of its files) -> summary of a run that has ended
+
+
+def _stats(root: Path, run_id: str) -> tuple:
+    out = []
+    for p in (root / run_id / "metrics.jsonl", root / run_id / "run.json", root / run_id / "lmtune.json",
+              root / RECORDS / f"{record_name(run_id)}.json", log_path(root, run_id)):
+        try:
+            st = p.stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return (str(root), run_id, *out)
+
+
 def list_runs(root: Path) -> list[dict]:
-    return [summary(root, r) for r in find_runs(root)]
+    """Every run's summary; those of ended runs are kept while their files stay unchanged."""
+    result = []
+    for run_id in find_runs(root):
+        key = _stats(root, run_id)
+        s = _SUMMARIES.get(key) or summary(root, run_id)
+        if s["state"] != "running":  # a running run changes by the second; one that ended, with its files
+            _SUMMARIES[key] = s
+        result.append(s)
+    return result
 
 
 def argv_of(verb: str, config: dict) -> list[str]:

@@ -21,6 +21,10 @@ function h(tag, attrs, ...kids) {
   return el;
 }
 
+function put(el, ...kids) {  // replaceChildren, skipping the nulls of `cond ? h(...) : null`
+  el.replaceChildren(...kids.flat().filter(k => k !== null && k !== undefined && k !== false));
+}
+
 async function api(path, body) {
   const r = await fetch(path, body === undefined ? {} :
     {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
@@ -44,6 +48,8 @@ function duration(s) {
   return `${Math.floor(s / 3600)}h ${String(Math.floor(s % 3600 / 60)).padStart(2, "0")}m`;
 }
 const num = v => (v === null || v === undefined) ? "" : (Math.abs(v) >= 1000 ? v.toFixed(0) : (+v.toPrecision(4)).toString());
+// a model folder by its last two parts (the full path is the cell's title)
+const shortModel = m => m && m.startsWith("/") ? "…/" + m.split("/").filter(Boolean).slice(-2).join("/") : m;
 const badge = state => h("span", {class: `badge ${state}`}, state);
 const params = () => new URLSearchParams(location.hash.split("?")[1] || "");
 const runLink = id => h("a", {href: `#/run?id=${encodeURIComponent(id)}`}, id);
@@ -64,25 +70,26 @@ function runsPage() {
   const compare = h("a", {class: "button", href: "#/compare"}, "Compare selected");
   const table = h("table", {class: "runs"},
     h("thead", {}, h("tr", {}, ["", "Run", "Verb", "Model", "Task", "State", "Step", "Best validation", "Loss",
-      "Wall time", "Started"].map(t => h("th", {}, t)))), tbody);
-  main.replaceChildren(
+      "Wall time", "Started"].map(t => h("th", {class: ["Verb", "Task", "Started"].includes(t) ? "wide" : null}, t)))), tbody);
+  put(main, 
     h("div", {class: "title"}, h("h1", {}, "Runs"), h("span", {class: "spacer"}), compare,
       h("a", {class: "button primary", href: "#/new"}, "New run")),
     h("div", {class: "scroll"}, table), h("p", {id: "runs-count", class: "muted"}));
   const render = rows => {
-    tbody.replaceChildren(...rows.map(s => h("tr", {dataset: {id: s.id, state: s.state}},
+    put(tbody, ...rows.map(s => h("tr", {dataset: {id: s.id, state: s.state}},
       h("td", {}, h("input", {type: "checkbox", checked: selected.has(s.id), onchange: e => {
         e.target.checked ? selected.add(s.id) : selected.delete(s.id);
         compare.href = `#/compare?ids=${[...selected].map(encodeURIComponent).join(",")}`;
       }})),
-      h("td", {class: "id"}, runLink(s.id)), h("td", {}, s.verb), h("td", {class: "model", title: s.model}, s.model),
-      h("td", {}, s.task), h("td", {title: s.error || ""}, badge(s.state)), h("td", {}, progress(s)),
+      h("td", {class: "id"}, runLink(s.id)), h("td", {class: "wide"}, s.verb), h("td", {class: "model", title: s.model}, shortModel(s.model)),
+      h("td", {class: "wide"}, s.task), h("td", {title: s.error || ""}, badge(s.state)), h("td", {}, progress(s)),
       h("td", {}, s.best === null ? "" : `${s.metric} ${num(s.best)}`), h("td", {}, num(s.loss)),
-      h("td", {}, duration(s.wall_s)), h("td", {class: "muted"}, (s.started || "").replace("T", " ")))));
+      h("td", {}, duration(s.wall_s)), h("td", {class: "muted wide"}, (s.started || "").replace("T", " ")))));
     document.getElementById("runs-count").textContent = rows.length ?
       `${rows.length} runs in ${workspace}` : `No runs in ${workspace} yet: start one from New run.`;
   };
-  api("/api/runs").then(data => {
+  const initial = window.__initial; window.__initial = null;  // the list the page came with, used once
+  (initial ? Promise.resolve(initial) : api("/api/runs")).then(data => {
     workspace = data.workspace; document.getElementById("workspace").textContent = workspace;
     render(data.runs);
     requestAnimationFrame(() => { window.__runsPainted = performance.now(); });
@@ -120,7 +127,7 @@ async function runPage() {
   const configTable = h("table", {class: "kv"}, Object.entries(data.config).map(([k, v]) =>
     h("tr", {}, h("th", {}, k), h("td", {}, typeof v === "object" ? JSON.stringify(v) : String(v)))));
   const log = h("pre", {class: "log"}, data.log);
-  main.replaceChildren(head, status,
+  put(main, head, status,
     h("div", {class: "charts"}, Object.values(canvases)),
     h("section", {}, h("h2", {}, "Command that reproduces this run"),
       h("div", {class: "command"}, h("pre", {id: "command"}, data.command),
@@ -133,7 +140,7 @@ async function runPage() {
         h("h2", {}, "Log"), log)));
   const setStatus = s => {
     const running = s.state === "running";
-    head.replaceChildren(h("h1", {}, s.id), badge(s.state), h("span", {class: "spacer"}),
+    put(head, h("h1", {}, s.id), badge(s.state), h("span", {class: "spacer"}),
       running ? h("button", {id: "stop", class: "danger", onclick: async e => {
         e.target.disabled = true; e.target.textContent = "Stopping…";
         await api("/api/run/stop", {id}).catch(showError); }}, "Stop") : null,
@@ -143,7 +150,7 @@ async function runPage() {
       h("a", {class: "button", href: `#/new?from=${encodeURIComponent(id)}`}, "New run from this"),
       s.has_model ? h("a", {class: "button", href: `#/play?id=${encodeURIComponent(id)}`}, "Chat") : null,
       s.has_model ? h("a", {class: "button", href: `#/evaluate?id=${encodeURIComponent(id)}`}, "Evaluate") : null);
-    status.replaceChildren(progress(s),
+    put(status, progress(s),
       h("span", {}, `${s.verb} · ${s.model} · ${s.task}`),
       s.loss !== null ? h("span", {}, `loss ${num(s.loss)}`) : null,
       s.best !== null ? h("span", {}, `best ${s.metric} ${num(s.best)}`) : null,
@@ -230,7 +237,7 @@ async function newRunPage() {
   };
   const previewButton = h("button", {id: "preview", onclick: e => busy(e.target, async () => {
     const r = await api("/api/preview", {verb, values: form.read()});
-    output.replaceChildren(h("h2", {}, "Data preview"), h("p", {class: "muted"}, r.note),
+    put(output, h("h2", {}, "Data preview"), h("p", {class: "muted"}, r.note),
       ...r.rows.map(row => row.tokens ? h("div", {class: "tokens"}, row.tokens.map(([t, loss]) =>
         h("span", {class: loss ? "tok loss" : "tok"}, t.replaceAll("\n", "↵\n"))), row.note ? h("em", {}, row.note) : null)
         : h("pre", {class: "tokens"}, JSON.stringify(row.fields, null, 1))));
@@ -239,7 +246,7 @@ async function newRunPage() {
   const estimateButton = h("button", {id: "estimate", onclick: e => busy(e.target, async () => {
     const r = (await api("/api/estimate", {verb, values: form.read()})).result;
     const mb = v => v >= 1024 ? `${(v / 1024).toFixed(2)} GB` : `${v.toFixed(0)} MB`;
-    output.replaceChildren(h("h2", {}, `Estimate: ${r.model}, ${r.steps} steps`),
+    put(output, h("h2", {}, `Estimate: ${r.model}, ${r.steps} steps`),
       h("table", {class: "grid-table"}, h("tr", {}, ["LoRA", "checkpointing", "bf16", "peak memory", "step", "run"].map(t => h("th", {}, t))),
         r.variants.map(v => h("tr", {class: v.asked ? "asked" : ""}, h("td", {}, v.lora ? "yes" : "no"), h("td", {}, v.ckpt ? "yes" : "no"),
           h("td", {}, v.bf16 ? "yes" : "no"), h("td", {}, mb(v.peak_mb)),
@@ -251,7 +258,7 @@ async function newRunPage() {
     const r = await api("/api/launch", {verb, values: form.read(), parallel: parallel.checked});
     location.hash = `#/run?id=${encodeURIComponent(r.id)}`;
   })}, "Launch");
-  main.replaceChildren(
+  put(main, 
     h("div", {class: "title"}, h("h1", {}, "New run"),
       h("select", {id: "verb", onchange: e => { location.hash = `#/new?verb=${e.target.value}`; }},
         ["finetune", "pretrain"].map(v => h("option", {value: v, selected: v === verb}, `lmtune ${v}`)))),
@@ -280,11 +287,11 @@ async function comparePage() {
     drawChart(valCanvas, ids.map(id => ({name: id, dots: true, points: cache[id].filter(r => "val_loss" in r).map(r => [r.step, r.val_loss])})),
       {title: "validation loss", xLabel: "step", integerX: true, legend: true, empty: "no validation in these runs"});
     const s = Object.fromEntries(runs.map(r => [r.id, r]));
-    table.replaceChildren(...ids.map(id => h("tr", {}, h("td", {}, runLink(id)), h("td", {}, s[id] ? s[id].model : ""),
+    put(table, ...ids.map(id => h("tr", {}, h("td", {}, runLink(id)), h("td", {}, s[id] ? s[id].model : ""),
       h("td", {}, s[id] ? badge(s[id].state) : ""), h("td", {}, s[id] ? num(s[id].loss) : ""),
       h("td", {}, s[id] && s[id].best !== null ? `${s[id].metric} ${num(s[id].best)}` : ""), h("td", {}, s[id] ? duration(s[id].wall_s) : ""))));
   }
-  main.replaceChildren(h("div", {class: "title"}, h("h1", {}, "Compare runs")),
+  put(main, h("div", {class: "title"}, h("h1", {}, "Compare runs")),
     h("div", {class: "side"},
       h("div", {class: "picker"}, runs.filter(r => r.step > 0).map(r => h("label", {class: "inline", dataset: {id: r.id}},
         h("input", {type: "checkbox", checked: chosen.has(r.id), onchange: e => {
@@ -306,17 +313,17 @@ async function playPage() {
   const select = h("select", {id: "play-run", onchange: e => { location.hash = `#/play?id=${encodeURIComponent(e.target.value)}`; }},
     models.map(r => h("option", {value: r.id, selected: r.id === id}, `${r.id} (${r.task || r.verb})`)));
   const head = h("div", {class: "title"}, h("h1", {}, "Playground"), select);
-  if (!id) { main.replaceChildren(head, h("p", {class: "muted"}, "No run has a saved model yet.")); return; }
+  if (!id) { put(main, head, h("p", {class: "muted"}, "No run has a saved model yet.")); return; }
   const run = models.find(r => r.id === id) || {};
   const base = `/play/${id.split("/").map(encodeURIComponent).join("/")}/v1`;
   if (run.task === "classify") {
     const text = h("textarea", {id: "classify-text", rows: 3, placeholder: "Text to classify"});
     const out = h("div", {id: "classify-out"});
-    main.replaceChildren(head, text, h("div", {class: "actions"}, h("button", {class: "primary", onclick: async () => {
+    put(main, head, text, h("div", {class: "actions"}, h("button", {class: "primary", onclick: async () => {
       try {
         const r = await api(`${base}/classify`, {input: text.value});
         const probs = r.data[0].probabilities || {};
-        out.replaceChildren(h("p", {}, "label: ", h("b", {}, r.data[0].label)),
+        put(out, h("p", {}, "label: ", h("b", {}, r.data[0].label)),
           h("table", {class: "grid-table"}, Object.entries(probs).map(([k, v]) => h("tr", {}, h("td", {}, k), h("td", {}, v.toFixed(3))))));
       } catch (e) { showError(e); }
     }}, "Classify")), out);
@@ -358,11 +365,11 @@ async function playPage() {
     } catch (e) { reply.classList.add("error-text"); reply.textContent = String(e.message); reply.dataset.done = "1"; }
   }
   input.addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } });
-  main.replaceChildren(head,
+  put(main, head,
     h("p", {class: "muted"}, "Streams from ", h("code", {}, `${base}/chat/completions`), " — the same app as lmtune serve."),
     log, h("div", {class: "chat-input"}, input, h("button", {id: "chat-send", class: "primary", onclick: send}, "Send")),
     h("div", {class: "actions"}, h("label", {class: "inline"}, "max tokens ", maxTokens), h("label", {class: "inline"}, "temperature ", temperature),
-      h("button", {onclick: () => { messages.length = 0; log.replaceChildren(); }}, "Reset")));
+      h("button", {onclick: () => { messages.length = 0; put(log, ); }}, "Reset")));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -385,7 +392,7 @@ async function evaluatePage() {
       const r = (await api("/api/evaluate", {verb: "evaluate", values: form.read()})).result;
       message.textContent = ""; markField(form, "");
       const scalars = Object.entries(r).filter(([, v]) => typeof v !== "object");
-      out.replaceChildren(h("h2", {}, "Metrics"), h("table", {class: "grid-table", id: "eval-metrics"},
+      put(out, h("h2", {}, "Metrics"), h("table", {class: "grid-table", id: "eval-metrics"},
         scalars.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, typeof v === "number" ? num(v) : String(v))))),
         r.per_class ? h("div", {}, h("h2", {}, "Per class"), h("table", {class: "grid-table"},
           h("tr", {}, ["label", "precision", "recall", "f1", "support"].map(t => h("th", {}, t))),
@@ -394,7 +401,7 @@ async function evaluatePage() {
     } catch (err) { message.textContent = err.message; message.className = "message error"; markField(form, err.message); }
     finally { e.target.disabled = false; }
   }}, "Evaluate");
-  main.replaceChildren(h("div", {class: "title"}, h("h1", {}, "Evaluate"),
+  put(main, h("div", {class: "title"}, h("h1", {}, "Evaluate"),
     h("select", {onchange: e => { location.hash = `#/evaluate?id=${encodeURIComponent(e.target.value)}`; }},
       h("option", {value: ""}, "choose a run…"), runs.filter(r => r.has_model).map(r => h("option", {value: r.id, selected: run && r.id === run.id}, r.id)))),
     h("p", {class: "muted"}, schema.summary), form.el, message, h("div", {class: "actions"}, go), out);
@@ -423,7 +430,7 @@ function route() {
   const page = (location.hash.slice(2).split("?")[0]) || "runs";
   document.querySelectorAll("nav a").forEach(a => a.classList.toggle("active", a.dataset.page === page));
   Promise.resolve((PAGES[page] || runsPage)()).catch(e => {
-    main.replaceChildren(h("p", {class: "message error"}, e.message || String(e)));
+    put(main, h("p", {class: "message error"}, e.message || String(e)));
   });
 }
 window.addEventListener("hashchange", route);

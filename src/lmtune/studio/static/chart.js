@@ -36,22 +36,24 @@ function drawChart(canvas, series, opts) {
   const pts = series.flatMap(s => s.points).filter(p => isFinite(p[0]) && isFinite(p[1]));
   canvas.dataset.series = series.filter(s => s.points.length).length;
   canvas.dataset.points = pts.length;
-  const pad = {l: 52, r: 12, t: o.title ? 26 : 10, b: 36};
-  if (o.title) { g.fillStyle = "#111827"; g.font = "600 13px system-ui, sans-serif"; g.fillText(o.title, pad.l, 16);
+  const pad = {l: 52, r: 14, t: o.title ? 26 : 10, b: 36};
+  if (o.title) { g.fillStyle = "#111827"; g.font = "600 13px system-ui, sans-serif"; g.fillText(o.title, 12, 16);
     g.font = "12px system-ui, sans-serif"; }
   if (!pts.length) {
-    g.fillStyle = "#9ca3af"; g.fillText(o.empty || "no data yet", pad.l, pad.t + 30); return;
+    g.fillStyle = "#9ca3af"; g.fillText(o.empty || "no data yet", 12, pad.t + 30); return;
   }
   let x0 = Math.min(...pts.map(p => p[0])), x1 = Math.max(...pts.map(p => p[0]));
   let y0 = Math.min(...pts.map(p => p[1])), y1 = Math.max(...pts.map(p => p[1]));
   if (x1 === x0) x1 = x0 + 1;
   if (y1 === y0) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
   const yPad = (y1 - y0) * 0.05; y0 -= yPad; y1 += yPad;
+  const yTicks = niceTicks(y0, y1, 4);
+  pad.l = Math.max(40, ...yTicks.map(t => g.measureText(fmtNum(t)).width + 14));  // room for the widest label
   const pw = w - pad.l - pad.r, ph = hgt - pad.t - pad.b;
   const X = x => pad.l + (x - x0) / (x1 - x0) * pw, Y = y => pad.t + (1 - (y - y0) / (y1 - y0)) * ph;
   g.strokeStyle = "#e5e7eb"; g.fillStyle = "#6b7280"; g.lineWidth = 1;
   g.textAlign = "right"; g.textBaseline = "middle";
-  for (const t of niceTicks(y0, y1, 4)) {
+  for (const t of yTicks) {
     g.beginPath(); g.moveTo(pad.l, Y(t)); g.lineTo(pad.l + pw, Y(t)); g.stroke(); g.fillText(fmtNum(t), pad.l - 6, Y(t));
   }
   g.textAlign = "center"; g.textBaseline = "top";
