@@ -147,8 +147,8 @@ def test_lifecycle_in_the_browser(browser, tmp_path, tiny_chat_model, dates_json
         assert page.inner_text("#form-message") == cli.stderr.strip() \
             == "error: command line: key 'learning_rate' must be float, got 'abc'"
         assert page.locator('.field.bad[data-field="learning_rate"]').count() == 1
-        # 20 steps with a checkpoint after each: slow enough to stop midway on a fast machine
-        fill_form(page, {"learning_rate": "0.002", "max_steps": 20, "save_every": 1, "val_split": 0.1, "eval_every": 5})
+        # 12 steps with a checkpoint after each: slow enough to stop midway on a fast machine
+        fill_form(page, {"learning_rate": "0.002", "max_steps": 12, "save_every": 1, "val_split": 0.1, "eval_every": 4})
         page.wait_for_selector("#form-message.ok")
         assert "--learning-rate=0.002" in page.inner_text("#form-command")
         page.click("#preview")  # the rows as the model sees them: the answer's tokens carry the loss
@@ -169,20 +169,21 @@ def test_lifecycle_in_the_browser(browser, tmp_path, tiny_chat_model, dates_json
         page.click("#stop")
         wait_state(page, "stopped", 60)
         stopped_at = max(r["step"] for r in read_metrics(ws / "a"))
-        assert seen <= stopped_at < 20 and points(page, "#chart-loss") == stopped_at
-        shoot(page, "run")
+        assert seen <= stopped_at < 12 and points(page, "#chart-loss") == stopped_at
         page.click("#resume")
         wait_state(page, "finished", 180)
-        page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points == 20")
+        page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points == 12")
         steps = [r["step"] for r in read_metrics(ws / "a") if "loss" in r]
-        assert steps == list(range(1, 21))  # resumed where it stopped: no step lost or repeated
+        assert steps == list(range(1, 13))  # resumed where it stopped: no step lost or repeated
+        assert int(page.get_attribute("#chart-val", "data-points")) == 3  # validations at steps 4, 8, 12
         command = page.inner_text("#command")
-        assert command.startswith("lmtune finetune ") and "--max-steps=20" in command and "--resume" not in command
+        assert command.startswith("lmtune finetune ") and "--max-steps=12" in command and "--resume" not in command
+        shoot(page, "run")
 
         # a second run from this one's settings, for the comparison
         page.goto(studio.url + "/#/new?from=a")
         page.wait_for_selector('.field[data-field="data"]')
-        fill_form(page, {"out": ws / "b", "max_steps": 6, "learning_rate": "0.0005", "save_every": 100})
+        fill_form(page, {"out": ws / "b", "max_steps": 4, "learning_rate": "0.0005", "save_every": 100})
         page.click("#launch")
         page.wait_for_url("**/#/run?id=b")
         wait_state(page, "finished", 180)
@@ -190,12 +191,12 @@ def test_lifecycle_in_the_browser(browser, tmp_path, tiny_chat_model, dates_json
         page.goto(studio.url + "/#/runs")
         page.wait_for_selector('tr[data-id="b"][data-state="finished"]')
         assert page.locator('tr[data-id="a"] .badge').inner_text() == "finished"
-        assert "20 / 20" in page.locator('tr[data-id="a"]').inner_text()
+        assert "12 / 12" in page.locator('tr[data-id="a"]').inner_text()
         shoot(page, "runs")
 
         page.goto(studio.url + "/#/compare?ids=a,b")
         page.wait_for_function("() => +document.querySelector('#compare-chart')?.dataset.series == 2")
-        assert points(page, "#compare-chart") == 26
+        assert points(page, "#compare-chart") == 16
         shoot(page, "compare")
 
         page.goto(studio.url + "/#/play?id=a")

@@ -287,7 +287,7 @@ async function comparePage() {
     drawChart(valCanvas, ids.map(id => ({name: id, dots: true, points: cache[id].filter(r => "val_loss" in r).map(r => [r.step, r.val_loss])})),
       {title: "validation loss", xLabel: "step", integerX: true, legend: true, empty: "no validation in these runs"});
     const s = Object.fromEntries(runs.map(r => [r.id, r]));
-    put(table, ...ids.map(id => h("tr", {}, h("td", {}, runLink(id)), h("td", {}, s[id] ? s[id].model : ""),
+    put(table, ...ids.map(id => h("tr", {}, h("td", {}, runLink(id)), h("td", {title: s[id] ? s[id].model : ""}, s[id] ? shortModel(s[id].model) : ""),
       h("td", {}, s[id] ? badge(s[id].state) : ""), h("td", {}, s[id] ? num(s[id].loss) : ""),
       h("td", {}, s[id] && s[id].best !== null ? `${s[id].metric} ${num(s[id].best)}` : ""), h("td", {}, s[id] ? duration(s[id].wall_s) : ""))));
   }
