@@ -229,7 +229,7 @@ def test_runs_page_paints_200_runs_within_a_second(browser, tmp_path):
         config = {"model": "smollm2-135m", "task": "instruct", "max_steps": 100, "learning_rate": 1e-4 * (i + 1)}
         (run / "run.json").write_text(json.dumps({"verb": "finetune", "config": config, "started": "2026-01-01T00:00:00"}))
         rows = [{"step": s, "loss": 3 / s, "lr": 1e-4, "tokens_per_s": 1000.0, "elapsed_s": s * 0.5}
-                for s in range(1, 101)] + [{"step": s, "val_loss": 2 / s} for s in (20, 40, 60, 80, 100)]
+                for s in range(1, 101)] + [{"step": s, "val_loss": 2 / s + (i * 7 % 11) / 100} for s in (20, 40, 60, 80, 100)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "lmtune.json").write_text("{}")
     studio = Studio(ws, [])
@@ -243,6 +243,12 @@ def test_runs_page_paints_200_runs_within_a_second(browser, tmp_path):
         assert page.locator("tbody tr .badge.finished").count() == 200
         assert "val_loss 0.02" in page.locator('tr[data-id="sweep-0/trial-000"]').inner_text()
         assert painted_ms < 1000, f"first paint of 200 runs took {painted_ms:.0f} ms"
+        # the Sweep page: a sweep's trials, the setting that varies, the history of the best value
+        page.goto(studio.url + "/#/sweep?id=sweep-1")
+        page.wait_for_function("() => +document.querySelector('#sweep-history')?.dataset.points == 100")
+        assert page.locator("#sweep-trials tr").count() == 51
+        assert "learning_rate" in page.inner_text("#sweep-trials tr >> nth=0")
+        shoot(page, "sweep")
     finally:
         page.close()
         studio.close()

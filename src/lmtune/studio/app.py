@@ -4,6 +4,7 @@ GET  /api/runs                  every run's summary        GET /api/runs/events 
 GET  /api/run?id=ID             summary, config, command, metrics, log tail
 GET  /api/run/events?id=ID      metrics.jsonl tailed: `metrics` (new rows), `reset`, `status` events
 POST /api/run/stop|resume       {id}
+GET  /api/sweeps, /api/sweep?id=DIR   a sweep's trials (live, from their run folders)
 GET  /api/form/VERB             the form, from the config dataclass
 POST /api/validate|preview|estimate|launch|evaluate   {verb, values[, parallel]}
 /play/ID/v1/...                 `lmtune serve`'s own app over the run's model (chat streams, classify)
@@ -21,7 +22,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
@@ -127,6 +128,22 @@ def create_app(workspace: Path, readable: list[Path], token: str = "", hosts: se
                     status = s
                 await asyncio.sleep(0.4)
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/sweeps")
+    async def sweeps():
+        return {"sweeps": R.list_sweeps(ws)}
+
+    @app.get("/api/sweep")
+    async def sweep(id: str):
+        run_folder(id)
+        return JSONResponse(await asyncio.to_thread(R.sweep_table, ws, id))
+
+    @app.get("/api/image")
+    async def image(path: str):  # a report's PNG inside the workspace (importance.png, loss.png)
+        p = run_folder(path)
+        if p.suffix != ".png" or not p.is_file():
+            raise LmtuneError(f"{path}: not a PNG in the workspace")
+        return FileResponse(p)
 
     @app.post("/api/run/stop")
     async def stop(body: RunBody):

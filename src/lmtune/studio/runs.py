@@ -287,3 +287,26 @@ def argv_of(verb: str, config: dict) -> list[str]:
 
 def command_of(verb: str, config: dict) -> str:
     return shlex.join(["lmtune", verb, *argv_of(verb, config)])
+
+
+def list_sweeps(root: Path) -> list[str]:
+    """Folders whose run folders are a sweep's trials (DIR/trial-NNN, as `lmtune sweep` writes them)."""
+    return sorted({r.rsplit("/", 1)[0] for r in find_runs(root) if "/" in r and r.rsplit("/", 1)[1].startswith("trial-")})
+
+
+def sweep_table(root: Path, sweep_id: str) -> dict:
+    """The sweep's trials as they stand (live, from their run folders): the settings that differ between
+    trials, state and best validation value of each; and the report's importance plot once written."""
+    trials = sorted(r for r in find_runs(root) if r.startswith(sweep_id + "/trial-") and r.count("/") == sweep_id.count("/") + 1)
+    configs = {t: read_info(root / t).get("config") or read_record(root, t).get("config") or {} for t in trials}
+    keys = sorted({k for c in configs.values() for k in c})
+    varied = [k for k in keys if k != "out" and len({json.dumps(c.get(k)) for c in configs.values()}) > 1]
+    rows = []
+    for t in trials:
+        s = summary(root, t)
+        rows.append({**s, "params": {k: configs[t].get(k) for k in varied}})
+    folder = root / sweep_id
+    return {"id": sweep_id, "varied": varied, "trials": rows,
+            "metric": rows[0]["metric"] if rows else "", "mode": watched(next(iter(configs.values()), {}))[1],
+            "importance": f"{sweep_id}/importance.png" if (folder / "importance.png").is_file() else "",
+            "done": (folder / "trials.csv").is_file()}

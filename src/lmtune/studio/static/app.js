@@ -416,6 +416,38 @@ function confusion(matrix, labels) {
 }
 
 // ------------------------------------------------------------------------------------------
+// Sweep: the trials of `lmtune sweep --out DIR` as they stand, redrawn as the runs change
+
+async function sweepPage() {
+  const {sweeps} = await api("/api/sweeps");
+  const id = params().get("id") || sweeps[0];
+  const head = h("div", {class: "title"}, h("h1", {}, "Sweep"),
+    h("select", {id: "sweep-pick", onchange: e => { location.hash = `#/sweep?id=${encodeURIComponent(e.target.value)}`; }},
+      sweeps.map(s => h("option", {value: s, selected: s === id}, s))));
+  if (!id) { put(main, head, h("p", {class: "muted"}, "No sweep in the workspace (lmtune sweep --out DIR writes DIR/trial-NNN).")); return; }
+  const chart = h("canvas", {class: "chart", id: "sweep-history"});
+  const table = h("table", {class: "grid-table", id: "sweep-trials"});
+  const extra = h("div", {});
+  put(main, head, chart, h("div", {class: "scroll"}, table), extra);
+  const render = d => {
+    const ok = d.trials.filter(t => t.best !== null);
+    let best = null;
+    const running = ok.map((t, i) => { best = best === null || (d.mode === "max" ? t.best > best : t.best < best) ? t.best : best; return [i, best]; });
+    drawChart(chart, [{name: `${d.metric} of each trial`, points: ok.map((t, i) => [i, t.best]), dots: true, color: "#9ca3af"},
+      {name: "best so far", points: running}], {title: `history (${d.metric}, ${d.mode === "max" ? "higher" : "lower"} is better)`,
+      xLabel: "trial", integerX: true, legend: true, empty: "no trial has validated yet"});
+    put(table, h("tr", {}, ["trial", "state", ...d.varied, d.metric, "steps"].map(t => h("th", {}, t))),
+      d.trials.map(t => h("tr", {}, h("td", {}, h("a", {href: `#/run?id=${encodeURIComponent(t.id)}`}, t.id.split("/").pop())),
+        h("td", {}, badge(t.state)), d.varied.map(k => h("td", {}, typeof t.params[k] === "number" ? num(t.params[k]) : String(t.params[k]))), h("td", {}, num(t.best)), h("td", {}, progress(t)))));
+    put(extra, d.importance ? h("div", {}, h("h2", {}, "Parameter importance (from the sweep's report)"),
+      h("img", {src: `/api/image?path=${encodeURIComponent(d.importance)}`, alt: "parameter importance", style: "max-width:100%"})) :
+      h("p", {class: "muted"}, d.done ? "" : "Parameter importance appears when the sweep has finished (its report.html)."));
+  };
+  render(await api(`/api/sweep?id=${encodeURIComponent(id)}`));
+  stream("/api/runs/events", {runs: async () => render(await api(`/api/sweep?id=${encodeURIComponent(id)}`))});
+}
+
+// ------------------------------------------------------------------------------------------
 
 function showError(e) {
   const box = h("div", {class: "toast"}, String(e.message || e));
@@ -423,7 +455,8 @@ function showError(e) {
   setTimeout(() => box.remove(), 6000);
 }
 
-const PAGES = {runs: runsPage, run: runPage, new: newRunPage, compare: comparePage, play: playPage, evaluate: evaluatePage};
+const PAGES = {runs: runsPage, run: runPage, new: newRunPage, compare: comparePage, play: playPage, evaluate: evaluatePage,
+  sweep: sweepPage};
 
 function route() {
   closers.forEach(c => c()); closers = [];
