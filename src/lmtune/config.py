@@ -333,9 +333,10 @@ class ProbeConfig:
 
 @dataclass
 class StudioConfig:
-    """`lmtune studio`: a local web app over a workspace folder of runs (list, live curves, new run from
-    this same form, compare, chat, evaluate). Binds 127.0.0.1 unless --host says otherwise; any other
-    address needs --token. The pages read and write only inside --runs and the --data folders."""
+    """`lmtune studio`: a local web app over a workspace folder of runs (the runs, live curves, stop and
+    resume, a new run from a form generated from these configs, compare, chat, evaluate, sweeps).
+    Binds 127.0.0.1 unless --host says otherwise; any other address needs --token. The pages read and
+    write only inside --runs and the --data folders."""
 
     runs: str = opt("runs", "Workspace folder: every run folder under it is listed; new runs are written into it.")
     data: str = opt("", "Comma-separated folders the pages may read data files and models from (besides --runs).")
