@@ -147,8 +147,8 @@ def test_lifecycle_in_the_browser(browser, tmp_path, tiny_chat_model, dates_json
         assert page.inner_text("#form-message") == cli.stderr.strip() \
             == "error: command line: key 'learning_rate' must be float, got 'abc'"
         assert page.locator('.field.bad[data-field="learning_rate"]').count() == 1
-        # 12 steps with a checkpoint after each: slow enough to stop midway on a fast machine
-        fill_form(page, {"learning_rate": "0.002", "max_steps": 12, "save_every": 1, "val_split": 0.1, "eval_every": 4})
+        # 16 steps with a checkpoint after each: slow enough to stop midway on a fast machine
+        fill_form(page, {"learning_rate": "0.002", "max_steps": 16, "save_every": 1, "val_split": 0.1, "eval_every": 4})
         page.wait_for_selector("#form-message.ok")
         assert "--learning-rate=0.002" in page.inner_text("#form-command")
         page.click("#preview")  # the rows as the model sees them: the answer's tokens carry the loss
@@ -160,24 +160,24 @@ def test_lifecycle_in_the_browser(browser, tmp_path, tiny_chat_model, dates_json
         page.click("#launch")
         page.wait_for_url("**/#/run?id=a")
         wait_state(page, "running", 30)
-        # the curve grows while the page stays open (streamed: the page is never reloaded)
-        page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points >= 2", timeout=120_000)
-        seen = points(page, "#chart-loss")
         status, body = call(studio.url + "/api/launch", {"verb": "finetune", "values": {
             "model": tiny_chat_model, "data": dates_jsonl, "out": str(ws / "other")}})
         assert status == 400 and "is already training in run a" in body["error"]  # one run per model
+        # the curve grows while the page stays open (streamed: the page is never reloaded)
+        page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points >= 1", timeout=120_000)
+        seen = points(page, "#chart-loss")
         page.click("#stop")
         wait_state(page, "stopped", 60)
         stopped_at = max(r["step"] for r in read_metrics(ws / "a"))
-        assert seen <= stopped_at < 12 and points(page, "#chart-loss") == stopped_at
+        assert seen <= stopped_at < 16 and points(page, "#chart-loss") == stopped_at
         page.click("#resume")
         wait_state(page, "finished", 180)
-        page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points == 12")
+        page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points == 16")
         steps = [r["step"] for r in read_metrics(ws / "a") if "loss" in r]
-        assert steps == list(range(1, 13))  # resumed where it stopped: no step lost or repeated
-        assert int(page.get_attribute("#chart-val", "data-points")) == 3  # validations at steps 4, 8, 12
+        assert steps == list(range(1, 17))  # resumed where it stopped: no step lost or repeated
+        assert int(page.get_attribute("#chart-val", "data-points")) == 4  # validations at steps 4, 8, 12, 16
         command = page.inner_text("#command")
-        assert command.startswith("lmtune finetune ") and "--max-steps=12" in command and "--resume" not in command
+        assert command.startswith("lmtune finetune ") and "--max-steps=16" in command and "--resume" not in command
         shoot(page, "run")
 
         # a second run from this one's settings, for the comparison
@@ -191,12 +191,12 @@ def test_lifecycle_in_the_browser(browser, tmp_path, tiny_chat_model, dates_json
         page.goto(studio.url + "/#/runs")
         page.wait_for_selector('tr[data-id="b"][data-state="finished"]')
         assert page.locator('tr[data-id="a"] .badge').inner_text() == "finished"
-        assert "12 / 12" in page.locator('tr[data-id="a"]').inner_text()
+        assert "16 / 16" in page.locator('tr[data-id="a"]').inner_text()
         shoot(page, "runs")
 
         page.goto(studio.url + "/#/compare?ids=a,b")
         page.wait_for_function("() => +document.querySelector('#compare-chart')?.dataset.series == 2")
-        assert points(page, "#compare-chart") == 16
+        assert points(page, "#compare-chart") == 20
         shoot(page, "compare")
 
         page.goto(studio.url + "/#/play?id=a")
