@@ -337,6 +337,21 @@ class ProbeConfig:
                            min=0.0, max=1.0)
 
 
+@dataclass
+class StudioConfig:
+    """`lmtune studio`: a local web app over a workspace folder of runs (the runs, live curves, stop and
+    resume, a new run from a form generated from these configs, compare, chat, evaluate, sweeps).
+    Binds 127.0.0.1 unless --host says otherwise; any other address needs --token. The pages read and
+    write only inside --runs and the --data folders."""
+
+    runs: str = opt("runs", "Workspace folder: every run folder under it is listed; new runs are written into it.")
+    data: str = opt("", "Comma-separated folders the pages may read data files and models from (besides --runs).")
+    host: str = opt("127.0.0.1", "Address to bind; a non-loopback address requires --token.")
+    port: int = opt(7860, "TCP port.", min=0, max=65535)
+    token: str = opt("", "Require this token: open http://HOST:PORT/?token=T once (it is kept in a cookie), or "
+                     "send 'Authorization: Bearer T'.")
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading and checking.
 
