@@ -1,7 +1,8 @@
 """`lmtune studio` in a real headless Chromium (Debian's, driven by Playwright): launch a tiny fine-tune from
 the generated form, watch its curve grow, stop it, resume it, see it finish, compare two runs, chat with
 the result, evaluate it, and get the CLI's own message for a bad value. The browser tests write
-screenshots of every page at 1280 and 800 px into docs/screenshots/. Without a browser they skip (CI
+screenshots of every page at 1280 and 800 px into $LMTUNE_SCREENSHOTS (pytest's temporary folder when unset;
+`LMTUNE_SCREENSHOTS=docs/screenshots make test` refreshes the README's). Without a browser they skip (CI
 installs one: .ci/run); the tests of the server's rules (token, host, confined paths) run anyway.
 """
 
@@ -19,12 +20,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, read_metrics, run_cli
+from conftest import read_metrics, run_cli
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
-SHOTS = ROOT / "docs" / "screenshots"
+# the suite never writes into the checkout: screenshots go to a temporary folder unless asked for
+SHOTS = Path(os.environ["LMTUNE_SCREENSHOTS"]).resolve() if os.environ.get("LMTUNE_SCREENSHOTS") else \
+    Path(__import__("tempfile").mkdtemp(prefix="lmtune-screenshots-"))
 
 try:
     from playwright.sync_api import sync_playwright
