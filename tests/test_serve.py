@@ -394,3 +394,22 @@ def test_a_cancelled_stream_frees_its_slot(client, server, monkeypatch):
     while batcher.active and time.time() < deadline:
         time.sleep(0.005)
     assert batcher.slots.n == 0 and batcher.stats["free_slots"] == server.state.cfg.max_batch
+
+
+def test_sampled_answer_is_generates_with_the_same_seed(client, server):
+    """One sampler: a sampled request (temperature, top-p, seed) draws what `lmtune generate`'s decoder
+    draws with the same settings and seed; its draws do not depend on the other rows of the batch."""
+    from lmtune.decode import Decoder
+    from lmtune.generation.sampling import Sampling, logprobs, pick_each
+
+    ids = server.tok("Once upon")["input_ids"]
+    out = Decoder(server.model).generate([ids], 10, eos_ids=[2], pad_id=2, temperature=0.9, top_p=0.9, seed=5)
+    r = client.completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0.9, top_p=0.9, seed=5)
+    assert r.choices[0].text == server.tok.decode(out[0], skip_special_tokens=True)
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    s = Sampling(0.9, 5, 0.9, seed=7)
+    alone = pick_each(logits[1:2], [s], [s.generator()])
+    mixed = pick_each(logits, [Sampling(), s, Sampling(1.0, seed=1)], [None, s.generator(), Sampling(seed=1).generator()])
+    assert mixed[1] == alone[0] and mixed[0] == logits[0].argmax()
+    assert torch.allclose(logprobs(logits, mixed), logits.log_softmax(-1)[torch.arange(3), mixed])
