@@ -410,6 +410,7 @@ def test_sampled_answer_is_generates_with_the_same_seed(client, server):
     logits = torch.randn(3, 50)
     s = Sampling(0.9, 5, 0.9, seed=7)
     alone = pick_each(logits[1:2], [s], [s.generator()])
-    mixed = pick_each(logits, [Sampling(), s, Sampling(1.0, seed=1)], [None, s.generator(), Sampling(seed=1).generator()])
+    other = Sampling(1.0, seed=1)
+    mixed = pick_each(logits, [Sampling(), s, other], [None, s.generator(), other.generator()])
     assert mixed[1] == alone[0] and mixed[0] == logits[0].argmax()
     assert torch.allclose(logprobs(logits, mixed), logits.log_softmax(-1)[torch.arange(3), mixed])
