@@ -225,7 +225,7 @@ def main() -> None:
     for peer in ("transformers", "llamacpp"):
         ours, theirs = results.get(("lmtune", top)), results.get((peer, top))
         if ours and theirs and theirs["tok_s"]:
-            print(f"at {top} clients: lmtune serve {ours['tok_s'] / theirs['tok_s']:.2f}x {peer}'s tokens/s, "
+            print(f"at {top} clients: lmtune serve {ours['tok_s'] / theirs['tok_s']:.2f}x {peer} tokens/s, "
                   f"token p99 {1000 * ours['tpot99']:.0f} vs {1000 * theirs['tpot99']:.0f} ms")
 
 
