@@ -300,3 +300,114 @@ def test_classify_model_serves_its_task_route_only(tmp_path):
     assert r.status_code == 400 and r.json()["error"]["code"] == "not_generative"
     r = http.post("/v1/translate", json={"input": "hi"})
     assert r.status_code == 400 and "--task translate" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["static-cache", "model-forward"])
+def test_slots_decode_every_row_as_alone(server, generic):
+    """Rows join the slot cache at different steps and leave when done (the last row moving into a freed
+    slot); each row's greedy tokens are the decoder's for that prompt alone."""
+    from lmtune.decode import Decoder, HFRunner
+    from lmtune.generation.slots import slots
+
+    dec = Decoder(server.model)
+    if generic:
+        dec.runner, dec.fast = HFRunner(server.model), False
+    prompts = [server.tok(p)["input_ids"] for p in ("The quick brown fox", "Hi", "Once upon a time there was")]
+    wants = [12, 5, 9]
+    with torch.inference_mode():
+        alone = [dec.generate([p], n, pad_id=2)[0].tolist() for p, n in zip(prompts, wants)]
+        s = slots(dec, 3, 256)
+        joins = {0: [0], 3: [1, 2]}  # step -> prompts that join before it
+        rows, made, logits = [], {i: [] for i in range(3)}, None
+        for step in range(40):
+            if step in joins:
+                new = s.add([prompts[i] for i in joins[step]], [wants[i] for i in joins[step]])
+                logits = new if logits is None else torch.cat([logits, new])
+                rows += joins[step]
+            tokens = logits.argmax(-1).tolist()
+            for i in reversed(range(len(rows))):
+                made[rows[i]].append(tokens[i])
+                if len(made[rows[i]]) == wants[rows[i]]:
+                    s.remove(i)
+                    rows[i], tokens[i] = rows[-1], tokens[-1]
+                    rows.pop(), tokens.pop()
+            if not rows:
+                break
+            logits = s.step(tokens)
+    assert [made[i] for i in range(3)] == alone and s.n == 0
+
+
+def slowed(monkeypatch, batcher, seconds: float) -> list[int]:
+    """Make each decode step of the batcher take `seconds` longer; the list of rows per step, as they run."""
+    sizes, step = [], batcher.slots.step
+
+    def slow_step(tokens):
+        sizes.append(len(tokens))
+        time.sleep(seconds)
+        return step(tokens)
+
+    monkeypatch.setattr(batcher.slots, "step", slow_step)
+    return sizes
+
+
+def test_a_request_joins_mid_batch_while_the_others_go_on(client, server, monkeypatch):
+    """Two streams are decoding; a third request joins at the next step, is answered as if alone, and
+    leaves when it stops while the two go on to their own ends, also answered as if alone."""
+    sizes = slowed(monkeypatch, server.state.batcher, 0.01)
+    long = ["A long one", "Another long story"]
+    streams = [client.completions.create(model=NAME, prompt=p, max_tokens=48, temperature=0, stream=True)
+               for p in long]
+    firsts = [next(iter(s)).choices[0].text for s in streams]
+    late = client.completions.create(model=NAME, prompt="Late request", max_tokens=5, temperature=0)
+    rests = ["".join(c.choices[0].text for c in s) for s in streams]
+    assert late.choices[0].text == greedy(server, server.tok("Late request")["input_ids"], 5)
+    for p, first, rest in zip(long, firsts, rests):
+        assert first + rest == greedy(server, server.tok(p)["input_ids"], 48)
+    three = [i for i, n in enumerate(sizes) if n == 3]  # the steps the late request shared with both
+    assert 1 <= len(three) <= 5, sizes
+    assert three == list(range(three[0], three[-1] + 1)) and 2 in sizes[three[-1] + 1:], sizes
+
+
+def test_a_cancelled_stream_frees_its_slot(client, server, monkeypatch):
+    """A client hanging up mid-stream frees its slot at the next step while another stream goes on (moved
+    into the freed slot, its answer unchanged); then every slot is free again."""
+    batcher = server.state.batcher
+    slowed(monkeypatch, batcher, 0.02)
+    cancelled = batcher.stats["cancelled"]
+    body = {"model": NAME, "prompt": "Go on forever", "max_tokens": 64, "stream": True, "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:  # admitted first: slot 0
+        lines = [line for _, line in zip(range(3), r.iter_lines())]
+        keep = client.completions.create(model=NAME, prompt="A long one", max_tokens=60, temperature=0, stream=True)
+        first = next(iter(keep)).choices[0].text  # slot 1
+    assert any(line.startswith("data: ") for line in lines)
+    deadline = time.time() + 10
+    while batcher.stats["cancelled"] == cancelled and time.time() < deadline:
+        time.sleep(0.005)
+    assert batcher.stats["cancelled"] == cancelled + 1
+    assert batcher.slots.n == 1 and [r.ids for r in batcher.active] == [server.tok("A long one")["input_ids"]]
+    rest = "".join(c.choices[0].text for c in keep)
+    assert first + rest == greedy(server, server.tok("A long one")["input_ids"], 60)
+    while batcher.active and time.time() < deadline:
+        time.sleep(0.005)
+    assert batcher.slots.n == 0 and batcher.stats["free_slots"] == server.state.cfg.max_batch
+
+
+def test_sampled_answer_is_generates_with_the_same_seed(client, server):
+    """One sampler: a sampled request (temperature, top-p, seed) draws what `lmtune generate`'s decoder
+    draws with the same settings and seed; its draws do not depend on the other rows of the batch."""
+    from lmtune.decode import Decoder
+    from lmtune.generation.sampling import Sampling, logprobs, pick_each
+
+    ids = server.tok("Once upon")["input_ids"]
+    out = Decoder(server.model).generate([ids], 10, eos_ids=[2], pad_id=2, temperature=0.9, top_p=0.9, seed=5)
+    r = client.completions.create(model=NAME, prompt="Once upon", max_tokens=10, temperature=0.9, top_p=0.9, seed=5)
+    assert r.choices[0].text == server.tok.decode(out[0], skip_special_tokens=True)
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    s = Sampling(0.9, 5, 0.9, seed=7)
+    alone = pick_each(logits[1:2], [s], [s.generator()])
+    other = Sampling(1.0, seed=1)
+    mixed = pick_each(logits, [Sampling(), s, other], [None, s.generator(), other.generator()])
+    assert mixed[1] == alone[0] and mixed[0] == logits[0].argmax()
+    assert torch.allclose(logprobs(logits, mixed), logits.log_softmax(-1)[torch.arange(3), mixed])

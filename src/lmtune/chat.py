@@ -69,7 +69,7 @@ def chat(cfg: ChatConfig) -> list[dict]:
 
     from lmtune import models
     from lmtune.decode import Decoder
-    from lmtune.generate import stop_ids
+    from lmtune.generation.sampling import stop_ids
 
     model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None)
     model.eval()

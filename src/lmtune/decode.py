@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from lmtune import blocks
 from lmtune.errors import LmtuneError
+from lmtune.generation.sampling import pick  # noqa: F401  (the one sampler; also lmtune.decode.pick)
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # position-independent tables: safe to precompute
 
@@ -175,28 +176,45 @@ class LlamaRunner:
             half = self.head_dim // 2
             self.cos, self.sin = cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
-    def forward(self, ids, pos, mask, at, kv_len: int):
+    def grow(self, length: int) -> None:
+        """Make the cache `length` positions long, keeping what it holds (serving's slots grow on demand)."""
+        k, v = self.k, self.v
+        self.k = None
+        self.reset(k.shape[1], length)
+        n = min(length, k.shape[3])
+        self.k[:, :, :, :n], self.v[:, :, :, :n] = k[:, :, :, :n], v[:, :, :, :n]
+
+    def forward(self, ids, pos, mask, at, kv_len: int, rows=slice(None), last=None):
         """Logits of the last position of `ids` (B, S) at positions `pos` (B, S); keys/values go into cache
-        slots `at` (S,); attention over the first `kv_len` slots under `mask` (B, 1, S, kv_len, bool)."""
+        slots `at` (S,), or with `at` (B, 1) each row's one token into its own slot (rows at different
+        lengths); attention over the first `kv_len` slots under `mask` (B, 1, S, kv_len, bool). `rows`: the
+        cache rows used (a slice, default all); `last` (B,): take each row's logits at this column instead."""
         B, S = ids.shape
         H, KV, D = self.n_head, self.n_kv, self.head_dim
         x = F.embedding(ids, self.emb)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, S, D)
+        each = torch.arange(B) if at.dim() == 2 else None
         for i, L in enumerate(self.layers):
             # attention: one matmul for q, k, v; rotary on q and k together; cache write in place
             qkv = linear(rms_norm(x, L["ln1"], self.eps), L["wqkv"], L["bqkv"], L["lqkv"])
             qkv = qkv.view(B, S, H + 2 * KV, D).transpose(1, 2)
             qk = qkv[:, :H + KV]
             qk = qk * cos + qk.roll(D // 2, -1) * sin
-            self.k[i].index_copy_(2, at, qk[:, H:])
-            self.v[i].index_copy_(2, at, qkv[:, H + KV:])
-            y = F.scaled_dot_product_attention(qk[:, :H], self.k[i, :, :, :kv_len], self.v[i, :, :, :kv_len],
+            kc, vc = self.k[i, rows], self.v[i, rows]
+            if each is None:
+                kc.index_copy_(2, at, qk[:, H:])
+                vc.index_copy_(2, at, qkv[:, H + KV:])
+            else:  # one token per row, each at its own slot
+                kc[each, :, at[:, 0]] = qk[:, H:, 0]
+                vc[each, :, at[:, 0]] = qkv[:, H + KV:, 0]
+            y = F.scaled_dot_product_attention(qk[:, :H], kc[:, :, :kv_len], vc[:, :, :kv_len],
                                                attn_mask=mask, scale=D ** -0.5, enable_gqa=KV != H)
             x = x + linear(y.transpose(1, 2).reshape(B, S, H * D), L["wo"], L["bo"], L["lo"])
             # MLP: gate and up in one matmul
             g, u = linear(rms_norm(x, L["ln2"], self.eps), L["wgu"], L["bgu"], L["lgu"]).chunk(2, dim=-1)
             x = x + linear(F.silu(g) * u, L["wd"], L["bd"], L["ld"])
-        return linear(rms_norm(x[:, -1], self.norm, self.eps), self.head).float()
+        x = x[:, -1] if last is None else x[torch.arange(B), last]
+        return linear(rms_norm(x, self.norm, self.eps), self.head).float()
 
     def step(self, tok, pos, valid, at):
         """One token per row (B, 1) at slot `at`; attention over the whole cache, padding masked by `valid`.
@@ -225,27 +243,17 @@ class HFRunner:
         return self.forward(tok, pos, valid[:, :int(at[0]) + 1], at, 0)
 
 
-def pick(logits, temperature: float, top_k: int, top_p: float, generator):
-    """Next token per row: argmax, or a draw after temperature, top-k and top-p (HF's order)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum <= 1 - top_p
-        drop[:, -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
 class Decoder:
     """Greedy or sampled generation for a batch of prompts (token id lists of any lengths, left-padded)."""
 
-    def __init__(self, model, *, compile: bool = False, quantize: str = "none", gguf_blocks: bool = True):
+    def __init__(self, model, *, compile: bool = False, quantize: str = "none", gguf_blocks: bool = True,
+                 keep_model: bool = False):
+        # keep_model: never merge an adapter into `model` (serve shares it with a task's predict): a model
+        # that cannot run unchanged goes through its own forward instead
+        if keep_model and not self.runs_unchanged(model):
+            model.eval()
+            self.runner, self.fast, self.compile, self._step = HFRunner(model), False, False, None
+            return
         if getattr(model, "peft_config", None):
             # a LoRA model: on a base in GGUF block form the adapters stay apart (merging would leave the
             # block form, and a dense model reads 4 bytes a weight); otherwise they are merged into the weights

@@ -19,19 +19,12 @@ def format_prompt(tokenizer, meta: dict, prompt: str, template: str) -> str:
     return prompt
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    """The model's own stop tokens, as HF's generate uses them (generation_config, else the tokenizer's EOS)."""
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    eos = [tokenizer.eos_token_id] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    return [e for e in eos if e is not None]
-
-
 def generate(cfg: GenerateConfig) -> str:
     import torch
 
     from lmtune import models
     from lmtune.decode import Decoder
+    from lmtune.generation.sampling import stop_ids
 
     model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None)
     meta = models.read_lmtune_file(models.resolve(cfg.model))

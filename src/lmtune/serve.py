@@ -1,4 +1,4 @@
-"""`lmtune serve`: an OpenAI-compatible HTTP API in front of the dynamic batcher.
+"""`lmtune serve`: an OpenAI-compatible HTTP API in front of the continuous batcher (lmtune's decoder).
 
 Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true`
 answers with server-sent events), and for task fine-tunes POST /v1/classify, /v1/translate, /v1/answer.
@@ -159,36 +159,10 @@ class Served:
     context: int  # the model's longest sequence
 
 
-class Detokenizer:
-    """Token ids to text deltas; cuts at a stop string, and holds back text that might begin one
-    (or an incomplete UTF-8 character) until it is sure."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tok, self.stop, self.ids, self.text, self.sent = tokenizer, stop, [], "", 0
-        self.stopped = self.done = False
-        self.hold = max((len(s) for s in stop), default=1) - 1
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        self.text = self.tok.decode(self.ids, skip_special_tokens=True)
-        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            self.text, self.stopped = self.text[:min(cuts)], True
-            return self.flush()
-        safe = len(self.text) - self.hold - (1 if self.text.endswith("\ufffd") else 0)
-        return self._take(max(safe, self.sent))
-
-    def flush(self) -> str:
-        return self._take(len(self.text))
-
-    def _take(self, end: int) -> str:
-        delta, self.sent = self.text[self.sent:end], end
-        return delta
-
-
 async def generate_events(state: Served, prompts: list[list[int]], body: _Body, max_tokens: int, stop: list[str]):
     """Yield (choice index, text delta, finish_reason or None, tokens made); the batcher stops every sequence of
     this request when the consumer goes away (the `finally`), e.g. a client closing its stream."""
+    from lmtune.generation.sampling import StopText
     from lmtune.serving.batcher import GenRequest
 
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -201,7 +175,7 @@ async def generate_events(state: Served, prompts: list[list[int]], body: _Body, 
                 requests[i].cancelled.set()
         seed = None if body.seed is None else body.seed + i
         requests.append(GenRequest(ids, max_tokens, emit, body.temperature, body.top_p, 0, seed))
-    detoks = [Detokenizer(state.tokenizer, stop) for _ in requests]
+    detoks = [StopText(state.tokenizer, stop) for _ in requests]
     for r in requests:
         state.batcher.submit(r)
     left = len(requests)
@@ -447,19 +421,23 @@ def create_app(state: Served, api_key: str = "") -> FastAPI:
 
 
 def make_state(model, tokenizer, cfg: ServeConfig, meta: dict | None = None) -> Served:
-    """What the routes need, with the batcher's worker thread started when the model can generate."""
+    """What the routes need, with the batcher's worker thread started when the model can generate: it
+    decodes through lmtune's decoder (as `lmtune generate` does), stopping at the same stop ids."""
+    from lmtune.decode import Decoder
+    from lmtune.generation.sampling import stop_ids
     from lmtune.serving.batcher import Batcher
 
     model.eval()
+    meta = meta or {}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's own
     lock, batcher = threading.Lock(), None
-    if type(base).__name__.endswith("ForCausalLM"):
-        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-        eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-        batcher = Batcher(model, {e for e in eos if e is not None}, tokenizer.pad_token_id, cfg.max_batch,
-                          cfg.batch_wait_ms, lock)
     context = getattr(model.config, "max_position_embeddings", None) or 2048
-    return Served(model, tokenizer, cfg.model_name or cfg.model, meta or {}, cfg, batcher, lock, context)
+    if type(base).__name__.endswith("ForCausalLM"):
+        # a task route (translate, qa) also runs `model` through its task's predict: never merge into it
+        decoder = Decoder(model, keep_model=meta.get("task") in TASK_ROUTES.values())
+        batcher = Batcher(decoder, stop_ids(model, tokenizer), cfg.max_batch, cfg.batch_wait_ms, lock,
+                          max_len=min(context, cfg.max_prompt_tokens + cfg.max_tokens))
+    return Served(model, tokenizer, cfg.model_name or cfg.model, meta, cfg, batcher, lock, context)
 
 
 def load_model(cfg: ServeConfig):

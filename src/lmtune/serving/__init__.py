@@ -1,1 +1,1 @@
-"""Serving building blocks: the dynamic batcher that `lmtune serve` puts behind its HTTP routes."""
+"""Serving building blocks: the continuous batcher that `lmtune serve` puts behind its HTTP routes."""

@@ -1,13 +1,14 @@
-"""Batched generation for serving: concurrent requests share one forward pass per step.
+"""Continuous batching for serving: concurrent requests share one decoder step, each in its own cache slot.
 
-One worker thread owns the model. It waits for a request, gathers whatever else arrives within
-`wait_ms` (up to `max_batch`), left-pads the prompts into one batch and runs its own decode loop: one
-forward pass per step for the whole batch, with a KV cache. A forward pass over 8 rows costs far less
-than 8 passes over one row, which is where the throughput comes from. Batching is continuous: a row
-leaves the batch as soon as it ends (end-of-sequence token, its max_tokens, or cancelled because its
-client went away), and requests that arrive meanwhile are prefilled and join the running batch at the
-next step instead of waiting for it to drain. Tokens go to each request's `emit` callback the moment
-they are chosen, which is what streaming sends.
+One worker thread owns the decoder (`lmtune.decode.Decoder`, the one `lmtune generate` uses) and a
+preallocated slot cache (`lmtune.generation.slots`) of `max_batch` rows. Each step it admits the requests
+that arrived since the last one (a prefill of their own into free slots), picks every running row's next
+token with that request's own sampling settings (`lmtune.generation.sampling.pick_each`), hands it to the
+request's `emit` callback at once (streaming), frees the slot of every row that ended (a stop token, its
+max_tokens, or cancelled because its client went away or a stop string was seen), and runs one forward
+step for the rows left. Nothing waits for a batch to drain and nothing restarts: a row joins at the next
+step and leaves when it stops. A forward step over 16 rows costs far less than 16 steps over one row,
+which is where the throughput comes from.
 """
 
 from __future__ import annotations
@@ -18,175 +19,126 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from lmtune.generation.sampling import Sampling, logprobs, pick_each
+
 
 @dataclass
 class GenRequest:
     ids: list[int]                      # prompt token ids
     max_tokens: int
-    emit: Callable                      # emit(token_id, None) per token, emit(None, finish_reason) once
+    emit: Callable                      # emit(token_id, None[, logprob]) per token, emit(None, finish_reason) once
     temperature: float = 0.0            # 0: greedy
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    logprobs: bool = False              # emit each token's log-probability as a third argument
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: bool = False
     count: int = 0                      # tokens generated so far
-    generator: object = None            # torch.Generator, made on first use (per request: reproducible)
+    generator: object = None            # torch.Generator, made on admission (per request: reproducible)
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
 
 class Batcher:
-    def __init__(self, model, eos_ids, pad_id: int, max_batch: int = 16, wait_ms: float = 5.0, lock=None):
-        self.model, self.eos, self.pad_id = model, set(eos_ids), pad_id
-        self.max_batch, self.wait = max_batch, wait_ms / 1000
+    def __init__(self, decoder, eos_ids, max_batch: int = 16, wait_ms: float = 5.0, lock=None, max_len: int = 2048):
+        from lmtune.generation.slots import slots
+
+        self.decoder, self.eos = decoder, set(eos_ids)
+        self.max_batch, self.wait, self.max_len = max_batch, wait_ms / 1000, max_len
         self.lock = lock or threading.Lock()  # shared with anything else that runs the model
         self.queue: queue.Queue = queue.Queue()
-        self.active: list[GenRequest] = []
+        self.new_slots = lambda: slots(decoder, max_batch, max_len)  # noqa: E731
+        self.slots = self.new_slots()
+        self.active: list[GenRequest] = []  # the running rows, row i in slot i
         self.stats = {"running": 0, "batches": 0, "joined": 0, "cancelled": 0, "generated_tokens": 0,
-                      "largest_batch": 0}
+                      "largest_batch": 0, "free_slots": max_batch}
         self.thread = threading.Thread(target=self._run, name="lmtune-batcher", daemon=True)
         self.thread.start()
 
     def submit(self, req: GenRequest) -> None:
         self.queue.put(req)
 
-    def _next_batch(self) -> list[GenRequest]:
-        batch = [self.queue.get()]
-        deadline = time.monotonic() + self.wait
-        while len(batch) < self.max_batch:
+    def _arrivals(self, room: int, wait: bool) -> list[GenRequest]:
+        """Requests waiting now (up to `room`); with `wait`, block for one and take what else arrives within
+        `wait_ms`, so that a burst of requests starts in one step."""
+        got = []
+        if wait:
+            got.append(self.queue.get())
+            deadline = time.monotonic() + self.wait
+            while len(got) < room:
+                try:
+                    got.append(self.queue.get(timeout=max(deadline - time.monotonic(), 1e-4)))
+                except queue.Empty:
+                    break
+        while len(got) < room:
             try:
-                batch.append(self.queue.get(timeout=max(deadline - time.monotonic(), 1e-4)))
+                got.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-        return [r for r in batch if not r.cancelled.is_set()]
+        return [r for r in got if not r.cancelled.is_set()]
 
     def _run(self) -> None:
         import torch
 
+        logits = None
         while True:
-            batch = self._next_batch()
-            if not batch:
+            idle = not self.active
+            room = self.slots.room()
+            new = self._arrivals(room, wait=idle) if room else []
+            if idle and not new:
                 continue
-            self.active = batch  # rows that join later are appended, so an error reaches them too
-            self.stats["running"] = len(batch)
-            self.stats["batches"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            self.stats["batches"] += idle
+            self.stats["joined"] += 0 if idle else len(new)
             try:
                 with self.lock, torch.inference_mode():
-                    self._generate(batch)
-            except Exception as e:  # a failed batch must not take the server down: its requests end in error
-                for r in self.active:
+                    logits = self._step(logits, new)
+            except Exception as e:  # a failed step must not take the server down: its requests end in error
+                for r in self.active + new:
                     if not r.done:
                         self._finish(r, f"error: {type(e).__name__}: {e}")
-            self.stats["running"] = 0
+                self.active, self.slots, logits = [], self.new_slots(), None
+            self.stats["running"] = len(self.active)
+            self.stats["free_slots"] = self.max_batch - len(self.active)
 
-    def _finish(self, r: GenRequest, reason: str) -> None:
-        r.done = True
-        r.emit(None, reason)
-
-    def _prefill(self, rows: list[GenRequest]):
-        """Run the prompts of `rows` as one left-padded batch: (cache, mask, last positions, logits)."""
+    def _step(self, logits, new: list[GenRequest]):
+        """Admit `new`, pick every row's token from `logits`, drop the rows that ended, and run one step;
+        the next logits (None when no row is left)."""
         import torch
-        from transformers import DynamicCache
 
-        width = max(len(r.ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every row's last prompt token is in the last column
-            ids[i, width - len(r.ids):] = torch.tensor(r.ids)
-            mask[i, width - len(r.ids):] = 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions count real tokens only, as without padding
-        cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                            use_cache=True).logits[:, -1].float()
-        return cache, mask, pos[:, -1:], logits
-
-    def _join(self, cache, mask, new_cache, new_mask):
-        """Continuous batching: append freshly prefilled rows to the running batch. The shorter of the
-        two KV caches is left-padded with zeros that the attention mask hides, so every row keeps its
-        own positions and the merged batch decodes as one."""
-        import torch
-        import torch.nn.functional as F
-
-        width = max(mask.shape[1], new_mask.shape[1])
-        for a, b in zip(cache.layers, new_cache.layers):
-            a.keys = torch.cat([F.pad(a.keys, (0, 0, width - a.keys.shape[-2], 0)),
-                                F.pad(b.keys, (0, 0, width - b.keys.shape[-2], 0))])
-            a.values = torch.cat([F.pad(a.values, (0, 0, width - a.values.shape[-2], 0)),
-                                  F.pad(b.values, (0, 0, width - b.values.shape[-2], 0))])
-        return torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(new_mask, (width - new_mask.shape[1], 0))])
-
-    def _waiting(self, room: int) -> list[GenRequest]:
-        joiners = []
-        while len(joiners) < room:
-            try:
-                r = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if not r.cancelled.is_set():
-                joiners.append(r)
-        return joiners
-
-    def _generate(self, rows: list[GenRequest]) -> None:
-        import torch
-        from transformers.cache_utils import DynamicLayer
-
-        cache, mask, pos, logits = self._prefill(rows)
-        can_join = all(type(layer) is DynamicLayer for layer in cache.layers)  # plain KV tensors only
-        while True:
-            tokens, keep = [], []
-            for i, r in enumerate(rows):
-                if r.cancelled.is_set():  # client gone (or a stop string seen): stop spending steps on it
-                    r.done = True
-                    self.stats["cancelled"] += 1
-                    continue
-                t = self._pick(r, logits[i])
-                if t in self.eos:
-                    self._finish(r, "stop")
-                    continue
-                r.emit(t, None)
+        if new:
+            for r in new:
+                r.generator = r.sampling.generator() if r.temperature > 0 else None
+            first = self.slots.add([r.ids for r in new], [r.max_tokens for r in new])
+            logits = first if logits is None else torch.cat([logits, first])
+            self.active += new
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.active))
+        rows = self.active
+        tokens = pick_each(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        lps = logprobs(logits, tokens).tolist() if any(r.logprobs for r in rows) else None
+        tokens = tokens.tolist()
+        for i in reversed(range(len(rows))):  # backwards: a freed slot takes the last row, already handled
+            r, t = rows[i], tokens[i]
+            if r.cancelled.is_set():  # client gone (or a stop string seen): stop spending steps on it
+                r.done = True
+                self.stats["cancelled"] += 1
+            elif t in self.eos:
+                self._finish(r, "stop")
+            else:
+                r.emit(t, None, lps[i]) if r.logprobs else r.emit(t, None)
                 r.count += 1
                 self.stats["generated_tokens"] += 1
                 if r.count >= r.max_tokens:
                     self._finish(r, "length")
-                    continue
-                tokens.append(t)
-                keep.append(i)
-            if not keep:
-                return
-            if len(keep) < len(rows):  # drop finished rows from the batch and from the KV cache
-                index = torch.tensor(keep)
-                cache.batch_select_indices(index)
-                mask, pos, rows = mask[index], pos[index], [rows[i] for i in keep]
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-            pos = pos + 1
-            logits = self.model(input_ids=torch.tensor(tokens).unsqueeze(1), attention_mask=mask, position_ids=pos,
-                                past_key_values=cache, use_cache=True).logits[:, -1].float()
-            joiners = self._waiting(self.max_batch - len(rows)) if can_join else []
-            if joiners:
-                new_cache, new_mask, new_pos, new_logits = self._prefill(joiners)
-                mask = self._join(cache, mask, new_cache, new_mask)
-                pos, logits, rows = torch.cat([pos, new_pos]), torch.cat([logits, new_logits]), rows + joiners
-                self.stats["joined"] += len(joiners)
-                self.active += joiners
-            self.stats["running"] = len(rows)
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+            if r.done:
+                self.slots.remove(i)
+                rows[i], tokens[i] = rows[-1], tokens[-1]
+                rows.pop()
+                tokens.pop()
+        return self.slots.step(tokens) if rows else None
 
-    @staticmethod
-    def _pick(r: GenRequest, logits) -> int:
-        """Greedy, or sampled with temperature, top-k and top-p, from this request's own generator."""
-        import torch
-
-        if r.temperature <= 0:
-            return int(logits.argmax())
-        if r.generator is None:
-            r.generator = torch.Generator()
-            r.generator.manual_seed(r.seed if r.seed is not None else torch.seed())
-        probs = torch.softmax(logits / r.temperature, dim=-1)
-        if r.top_k:
-            kth = torch.topk(probs, min(r.top_k, probs.numel())).values[-1]
-            probs = torch.where(probs < kth, 0.0, probs)
-        if r.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            outside = sorted_p.cumsum(0) - sorted_p > r.top_p  # keep the smallest set reaching top_p
-            probs[order[outside]] = 0.0
-        return int(torch.multinomial(probs, 1, generator=r.generator))
+    def _finish(self, r: GenRequest, reason: str) -> None:
+        r.done = True
+        r.emit(None, reason)

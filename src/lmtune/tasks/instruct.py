@@ -114,7 +114,7 @@ def respond(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batc
     import torch
 
     from lmtune.decode import Decoder
-    from lmtune.generate import stop_ids
+    from lmtune.generation.sampling import stop_ids
 
     model.eval()
     out = []
