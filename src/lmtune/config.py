@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,6 +364,8 @@ def coerce(cls, key: str, value: Any, where: str) -> Any:
         raise LmtuneError(f"{where}: key '{key}' must be {typ.__name__}, got {value!r}")
     if typ is float:
         value = float(value)
+        if not math.isfinite(value):  # nan passes every range check and fails (or trains on garbage) later
+            raise LmtuneError(f"{where}: key '{key}' must be a finite number, got {value!r}")
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise LmtuneError(f"{where}: key '{key}' must be one of {', '.join(meta['choices'])}, got {value!r}")
@@ -416,7 +419,16 @@ def build(cls, file_values: dict, file_name: str, cli_values: dict):
     if missing:
         flags = " ".join(f"--{k.replace('_', '-')} ..." for k in missing)
         raise LmtuneError(f"missing required setting {', '.join(missing)}: give {flags} (or put it in --config)")
-    return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+    cfg = cls(**{k.replace("-", "_"): v for k, v in values.items()})
+    cfg._config_file = file_name  # an input too: no output may overwrite it (not a field: not in run.json)
+    check_settings(cfg)
+    return cfg
+
+
+def check_settings(cfg) -> None:
+    """Checks across fields, at parse time (before any file is read or written)."""
+    if getattr(cfg, "resume", False) and getattr(cfg, "overwrite", False):
+        raise LmtuneError("--resume continues the run in --out and --overwrite replaces it: give one of them")
 
 
 def to_dict(cfg) -> dict:

@@ -51,7 +51,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     """
     import torch
 
-    from lmtune import models
+    from lmtune import files, models
     from lmtune.data.batching import pack
     from lmtune.errors import LmtuneError
     from lmtune.track import plot_loss, write_run_info
@@ -61,7 +61,9 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
 
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     distributed.setup(cfg.distributed)
-    check_out_dir(cfg.out, cfg.resume, cfg.overwrite)
+    inputs = files.local_inputs(data=cfg.data, eval_data=cfg.eval_data, model=cfg.model,
+                                config=getattr(cfg, "_config_file", ""))
+    check_out_dir(cfg.out, cfg.resume, cfg.overwrite, inputs, settings=to_dict(cfg))
     metric, mode = watched_metric(cfg, task.METRICS)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -91,8 +93,8 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
               f"{trainable / 1e6:.2f}M trainable; {n_rows if cfg.pack else len(examples)} training examples"
               f"{packed} from {len(rows)} rows, {len(eval_rows)} validation rows", file=sys.stderr)
 
-    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite)
-    write_run_info(out, "finetune", to_dict(cfg), {"parameters": total, "trainable_parameters": trainable})
+    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite, prepare=lambda d: write_run_info(
+        d, "finetune", to_dict(cfg), {"parameters": total, "trainable_parameters": trainable}))
     meta = {"base_model": cfg.model, **meta, "lora": cfg.lora}
     coll = task.collate(tokenizer, meta)
 

@@ -63,7 +63,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Tokenizer, model from a preset, train/validation split, the training loop, a Hugging Face folder."""
     import torch
 
-    from lmtune import models
+    from lmtune import files, models
     from lmtune.data.batching import collate
     from lmtune.data.readers import read_text
     from lmtune.tasks import lm as task
@@ -73,7 +73,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from lmtune.train.loop import fit, mean_loss
 
     distributed.setup(cfg.distributed)
-    check_out_dir(cfg.out, cfg.resume, cfg.overwrite)
+    tokenizer_path = cfg.tokenizer if cfg.tokenizer not in ("bpe", "char") else ""
+    inputs = files.local_inputs(data=cfg.data, tokenizer=tokenizer_path, model_config=cfg.model_config,
+                                config=getattr(cfg, "_config_file", ""))
+    check_out_dir(cfg.out, cfg.resume, cfg.overwrite, inputs, settings=to_dict(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     text = read_text(cfg.data)
@@ -97,10 +100,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
               f"{n_tokens} training tokens in {len(examples)} blocks, {len(val_examples)} validation blocks",
               file=sys.stderr)
 
-    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite)
-    if not cfg.resume and distributed.world().is_main:
-        tokenizer.save_pretrained(out / "tokenizer")
-    write_run_info(out, "pretrain", to_dict(cfg), {"parameters": total, "train_tokens": n_tokens})
+    def prepare(folder: Path) -> None:  # the run's first files, before it is moved into place
+        if not cfg.resume:
+            tokenizer.save_pretrained(folder / "tokenizer")
+        write_run_info(folder, "pretrain", to_dict(cfg), {"parameters": total, "train_tokens": n_tokens})
+
+    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite, prepare=prepare)
     coll = partial(collate, pad_id=tokenizer.pad_token_id)
     evaluate = (lambda m: {"val_loss": mean_loss(m, val_examples, coll, task.loss, cfg.batch_size)}) \
         if val_examples else None
