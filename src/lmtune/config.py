@@ -185,6 +185,7 @@ class PredictConfig(TaskOptions):
     task: str = opt("", "Task type.", choices=TASKS, required=True)
     data: str = opt("", "Input data file (targets/labels not needed).", required=True)
     out: str = opt("", "Output JSONL file (written to a temporary file, then renamed).", required=True)
+    overwrite: bool = opt(False, "Replace an existing --out file.")
     batch_size: int = opt(16, "Rows per batch.", min=1)
     max_length: int = opt(512, "Most tokens per input (lm: the perplexity window).", min=8)
     limit: int = opt(0, "Use only the first N rows of the data; 0: all.", min=0)

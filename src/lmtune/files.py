@@ -356,7 +356,8 @@ def _reason(e: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
         e = inner[0] if isinstance(inner, tuple) else inner
-    text = (str(e).strip().splitlines() or [""])[0]
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [""]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # "Validation error for field 'x':" ...
     text = text.replace("Error while deserializing header: ", "")
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
