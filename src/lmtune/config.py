@@ -399,7 +399,9 @@ def read_yaml(path: str) -> dict:
     if not p.is_file():
         raise LmtuneError(f"config file {path} not found: check the path given to --config")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        from lmtune.files import read_text
+
+        data = yaml.safe_load(read_text(p, "config file")) or {}
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         at = f":{line + 1}" if line is not None else ""

@@ -21,6 +21,7 @@ import errno
 import gzip
 import json
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -96,7 +97,7 @@ def new_sibling(out: Path, kind: str = "new") -> Path:
     """A fresh temporary folder next to `out` (the same file system, so a rename moves it into place)."""
     out = Path(out)
     tmp = out.parent / f".{out.name}.{kind}-{uuid.uuid4().hex[:8]}"
-    with writing(f"{out}"):
+    with writing(f"--out {out}"):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     return tmp
@@ -166,6 +167,12 @@ def os_error_of(e: BaseException) -> OSError | None:
                 if found is not None:
                     return found
             return None
+        found = re.search(r"os error (\d+)\)?", str(e))  # safetensors' and torch's C++ errors quote errno
+        if found:
+            number = int(found.group(1))
+            return OSError(number, os.strerror(number))
+        if "No space left on device" in str(e):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         e = e.__cause__ or e.__context__
     return None
 
@@ -178,7 +185,8 @@ def write_error(what: str, e: BaseException, hint: str = "") -> LmtuneError | No
     reason = WRITE_ERRNOS.get(os_err.errno) or f"{os_err.strerror or os_err}"
     if "No space left" in str(os_err):
         reason = WRITE_ERRNOS[errno.ENOSPC]
-    place = f" ({os_err.filename})" if os_err.filename and str(os_err.filename) != what else ""
+    name = str(os_err.filename or "")
+    place = f" ({name})" if name and name not in what and "/." not in name else ""  # not our temporary names
     return LmtuneError(f"cannot write {what}{place}: {reason}{'; ' + hint if hint else ''}")
 
 

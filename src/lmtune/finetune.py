@@ -56,7 +56,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     from lmtune.errors import LmtuneError
     from lmtune.track import plot_loss, write_run_info
     from lmtune.train import distributed
-    from lmtune.train.checkpoint import check_out_dir, create_out_dir
+    from lmtune.train.checkpoint import check_out_dir, create_out_dir, discard_if_failed_early
     from lmtune.train.loop import fit, mean_loss
 
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
@@ -87,14 +87,14 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
                                         cfg.lora_targets)
     models.save_activation_memory(model, cfg)
     total, trainable = models.count_parameters(model)
+
+    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite, prepare=lambda d: write_run_info(
+        d, "finetune", to_dict(cfg), {"parameters": total, "trainable_parameters": trainable}))
     if distributed.world().is_main:
         packed = f" packed into {len(examples)} blocks of {cfg.max_length}" if cfg.pack else ""
         print(f"model {cfg.model} ({meta['kind']}, --task {cfg.task}): {total / 1e6:.1f}M parameters, "
               f"{trainable / 1e6:.2f}M trainable; {n_rows if cfg.pack else len(examples)} training examples"
               f"{packed} from {len(rows)} rows, {len(eval_rows)} validation rows", file=sys.stderr)
-
-    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite, prepare=lambda d: write_run_info(
-        d, "finetune", to_dict(cfg), {"parameters": total, "trainable_parameters": trainable}))
     meta = {"base_model": cfg.model, **meta, "lora": cfg.lora}
     coll = task.collate(tokenizer, meta)
 
@@ -104,11 +104,12 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
         loss = result["loss"] if "loss" in result else mean_loss(m, eval_examples, coll, task.loss, cfg.batch_size)
         return {"val_loss": float(loss), **{f"val_{k}": float(result[k]) for k in task.METRICS}}
 
-    last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate if eval_rows else None,
-               resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"),
-               metric=metric, mode=mode, patience=cfg.early_stopping_patience,
-               save_best=best_saver(out, tokenizer, meta), on_validation=on_validation)
-    models.save_model(model, tokenizer, out, meta)
+    with discard_if_failed_early(out, cfg.resume):
+        last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate if eval_rows else None,
+                   resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"),
+                   metric=metric, mode=mode, patience=cfg.early_stopping_patience,
+                   save_best=best_saver(out, tokenizer, meta), on_validation=on_validation)
+        models.save_model(model, tokenizer, out, meta)
     plot_loss(out)
     if distributed.world().is_main:
         print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; model in {out}"

@@ -69,7 +69,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from lmtune.tasks import lm as task
     from lmtune.track import plot_loss, write_run_info
     from lmtune.train import distributed
-    from lmtune.train.checkpoint import check_out_dir, create_out_dir
+    from lmtune.train.checkpoint import check_out_dir, create_out_dir, discard_if_failed_early
     from lmtune.train.loop import fit, mean_loss
 
     distributed.setup(cfg.distributed)
@@ -95,10 +95,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
     total, _ = models.count_parameters(model)
     n_tokens = sum(len(e["input_ids"]) for e in examples)
     models.save_activation_memory(model, cfg)
-    if distributed.world().is_main:
-        print(f"model {cfg.model_config or cfg.model_size}: {total / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}; "
-              f"{n_tokens} training tokens in {len(examples)} blocks, {len(val_examples)} validation blocks",
-              file=sys.stderr)
 
     def prepare(folder: Path) -> None:  # the run's first files, before it is moved into place
         if not cfg.resume:
@@ -106,12 +102,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
         write_run_info(folder, "pretrain", to_dict(cfg), {"parameters": total, "train_tokens": n_tokens})
 
     out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite, prepare=prepare)
+    if distributed.world().is_main:
+        print(f"model {cfg.model_config or cfg.model_size}: {total / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}; "
+              f"{n_tokens} training tokens in {len(examples)} blocks, {len(val_examples)} validation blocks",
+              file=sys.stderr)
     coll = partial(collate, pad_id=tokenizer.pad_token_id)
     evaluate = (lambda m: {"val_loss": mean_loss(m, val_examples, coll, task.loss, cfg.batch_size)}) \
         if val_examples else None
-    last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate,
-               resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"))
-    models.save_model(model, tokenizer, out, {"task": "lm", "model_size": cfg.model_size})
+    with discard_if_failed_early(out, cfg.resume):
+        last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate,
+                   resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"))
+        models.save_model(model, tokenizer, out, {"task": "lm", "model_size": cfg.model_size})
     plot_loss(out)
     if distributed.world().is_main:
         print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}"

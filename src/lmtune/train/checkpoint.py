@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import random
 import shutil
 import sys
@@ -237,9 +238,10 @@ def check_out_dir(out: str, resume: bool, overwrite: bool, inputs: list | None =
     if resume:
         if not list_checkpoints(p):
             raise LmtuneError(f"--resume: {out} holds no checkpoint to resume from (checkpoints/step-*)")
-        if not intact_checkpoints(p):
-            raise LmtuneError(f"--resume: every checkpoint in {checkpoint_dir(p)} is damaged; start afresh with "
-                              "--overwrite")
+        if not intact_checkpoints(p, say=False):
+            newest = list_checkpoints(p)[-1]
+            raise LmtuneError(f"--resume: every checkpoint in {checkpoint_dir(p)} is damaged (the newest, "
+                              f"{newest.name}: {damage(newest)}); start afresh with --overwrite")
         if settings is not None:
             check_resume_settings(p, settings)
     elif busy and not overwrite:
@@ -284,6 +286,18 @@ def _same_setting(a, b) -> bool:
     if isinstance(a, str) and isinstance(b, str) and a and b and Path(a).exists() and Path(b).exists():
         return files._same_file(Path(a).resolve(), Path(b).resolve())
     return False
+
+
+@contextmanager
+def discard_if_failed_early(out: str | Path, resume: bool):
+    """A new run that fails before its first checkpoint (a full disk, a NaN loss at step 1) leaves nothing to
+    resume: its folder is removed, so the corrected command runs without --overwrite."""
+    try:
+        yield
+    except LmtuneError:
+        if not resume and distributed.world().is_main and not list_checkpoints(Path(out)):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def create_out_dir(out: str, resume: bool, overwrite: bool, prepare=None) -> Path:

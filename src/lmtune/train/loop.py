@@ -149,8 +149,8 @@ class _StopFlag:
     """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second Ctrl-C
     stops at once, and leaves as `on_abort()` (an Interrupted naming the last checkpoint)."""
 
-    def __init__(self, on_abort: Callable | None = None):
-        self.signal, self.on_abort = None, on_abort
+    def __init__(self, on_abort: Callable | None = None, on_error: Callable | None = None):
+        self.signal, self.on_abort, self.on_error = None, on_abort, on_error
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -172,6 +172,8 @@ class _StopFlag:
             signal.signal(s, h)
         if exc_type is KeyboardInterrupt and self.on_abort:
             raise self.on_abort() from None
+        if exc_type is not None and self.on_error:
+            self.on_error()  # e.g. end the progress bar's line, so an error message starts a line of its own
 
 
 def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_fn: Callable,
@@ -224,7 +226,7 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
         return Interrupted(f"stopped by a second Ctrl-C; the last checkpoint is {good[-1].name}. Resume with: "
                            f"{resume_with}" if good else "stopped by a second Ctrl-C; no checkpoint was written yet")
 
-    with _StopFlag(aborted) as stop:
+    with _StopFlag(aborted, bar.close) as stop:
         for step in range(start, steps):
             t0 = time.perf_counter()
             # 1. this step's micro-batches; the loss is normalised by the target tokens of all of them,
