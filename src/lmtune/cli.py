@@ -191,11 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        if "torch.distributed" in sys.modules:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        dist = sys.modules.get("torch.distributed")  # not imported here: a signal may have cut an import short
+        if dist is not None and getattr(dist, "is_available", lambda: False)() and \
+                getattr(dist, "is_initialized", lambda: False)():
+            dist.destroy_process_group()
 
 
 def _resume_after_elastic_restart(cfg) -> None:
