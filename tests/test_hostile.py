@@ -516,7 +516,7 @@ def test_damaged_gguf(case, verb, tmp_path, fx, capsys, monkeypatch):
 
 def test_damaged_templates_and_model_config(tmp_path, fx, capsys):
     t = tmp_path
-    for name, text, pattern in [("t1.yaml", b"gender: {values: [a, b], templates: ['no slot']}", r"exactly one \{\}"),
+    for name, text, pattern in [("t1.yaml", b"gender: {values: [a, b], templates: ['no slot']}", r"has no \{\} to fill"),
                                 ("t2.yaml", b"gender: {values: [a], templates: ['{} x']}", r"at least two strings"),
                                 ("t3.yaml", b"caf\xe9: 1", r"t3.yaml: not UTF-8"),
                                 ("t4.yaml", b"gender: {values: [a, b], templates: [3]}", r"list of non-empty strings")]:

@@ -55,8 +55,8 @@ def _run_until(run, out, stop_at):
         return path
 
     loop.save_checkpoint = save_then_stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
+    try:  # a second Ctrl-C leaves the loop as Interrupted, naming the last checkpoint
+        with pytest.raises(loop.Interrupted, match="the last checkpoint is step-00000010"):
             run(out, 20)
     finally:
         loop.save_checkpoint = real

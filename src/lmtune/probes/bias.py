@@ -76,8 +76,8 @@ def load_templates(path: str) -> dict:
             except (IndexError, KeyError, ValueError):
                 ok = False
             if not ok:
-                raise LmtuneError(f"--templates {path}: template '{t}' of '{attr}' must hold exactly one {{}} to "
-                                  "fill (and no other braces)")
+                what = "has no {} to fill" if "{}" not in t else "must hold exactly one {} to fill, and no other braces"
+                raise LmtuneError(f"--templates {path}: template '{t}' of '{attr}' {what}")
     return data
 
 
