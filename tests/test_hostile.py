@@ -529,6 +529,19 @@ def test_damaged_templates_and_model_config(tmp_path, fx, capsys):
                                 t, capsys, pattern)
 
 
+def test_settings_that_only_the_model_can_refuse(tmp_path, fx, capsys):
+    """Checked once the model is loaded, still before --out is made: a chat template that refuses the
+    conversation, and --max-length past an encoder's learned positions."""
+    t = tmp_path
+    model = copy_model(fx["tiny"], t, damage=lambda d: w(d, "chat_template.jinja",
+                                                          "{{ raise_exception('roles must alternate') }}"))
+    assert_one_line_failure(["finetune", "--model", str(model), "--data", str(w(t, "d.jsonl", GOOD)), "--out",
+                             str(t / "o")], t, capsys, r"chat template refuses this conversation .*roles must")
+    assert_one_line_failure(["finetune", "--model", "minilm-l6", "--task", "classify", "--data",
+                             str(w(t, "d.tsv", TSV)), "--out", str(t / "o"), "--max-length", "4096"], t, capsys,
+                            r"--max-length 4096 is longer than model minilm-l6 can see \(512 positions\)")
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. Checkpoints and resume: damage falls back to an intact checkpoint; changed settings are refused.
 

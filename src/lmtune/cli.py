@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
 
         err = write_error(getattr(e, "filename", None) or "a file", e) \
             if isinstance(e, Exception) or type(e).__name__ == "CheckpointException" else None
+        if err is None and _out_of_memory(e):
+            err = LmtuneError(f"out of memory ({(str(e).splitlines() or ['MemoryError'])[0][:120]}): lower "
+                              "--batch-size or --max-length (or use --lora, --activation-checkpointing)")
         if err is None:
             raise
         print(f"error: {err}", file=sys.stderr)
@@ -195,6 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         if dist is not None and getattr(dist, "is_available", lambda: False)() and \
                 getattr(dist, "is_initialized", lambda: False)():
             dist.destroy_process_group()
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
 
 
 def _resume_after_elastic_restart(cfg) -> None:

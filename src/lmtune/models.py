@@ -337,6 +337,17 @@ def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None =
     return model, tok, path
 
 
+def check_max_length(model, max_length: int, name: str) -> None:
+    """--max-length within the positions the model has: learned position embeddings (BERT, GPT-2, BART)
+    end at max_position_embeddings and an index past them fails mid-run; rotary models extrapolate."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    rotary = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_theta", None)
+    if isinstance(limit, int) and limit > 0 and not rotary and max_length > limit:
+        raise LmtuneError(f"--max-length {max_length} is longer than model {name} can see ({limit} positions): "
+                          f"give --max-length {limit} or less")
+
+
 def attach_task_lora(model, head: str, r: int, alpha: float, dropout: float, targets: str):
     """LoRA for a task head. The new head (classifier/score, qa_outputs) is trained in full and saved
     with the adapter (modules_to_save): a frozen random head could not learn anything."""

@@ -51,9 +51,9 @@ def load_tokenizer_path(path: str):
             tok = AutoTokenizer.from_pretrained(str(p))
         else:
             raise OSError("not found")
-    except (OSError, ValueError) as e:
-        raise LmtuneError(f"--tokenizer {path}: not 'bpe', 'char' or a tokenizer folder ({str(e).splitlines()[0]})") \
-            from None
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for a damaged tokenizer.json
+        raise LmtuneError(f"--tokenizer {path}: not 'bpe', 'char' or a tokenizer folder "
+                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -90,7 +90,12 @@ def to_messages(row: dict, path: str, targets: bool = True) -> list[dict]:
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """Messages as text: the tokenizer's chat template, or a plain Alpaca-style layout without one."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - jinja2's TemplateError, or the template's own raise_exception
+            roles = ", ".join(m["role"] for m in messages)
+            raise LmtuneError(f"the model's chat template refuses this conversation (roles {roles}): "
+                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
     parts = []
     for m in messages:
         if m["role"] == "assistant":
