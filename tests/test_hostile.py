@@ -141,8 +141,10 @@ SETTINGS.update({
     "finetune-config-missing": ("finetune", ["--config", "{t}/none.yaml"], r"config file .*none.yaml not found"),
     "finetune-config-not-yaml": ("finetune", ["--config", "{t}/bad.yaml"], r"bad.yaml:\d+: not valid YAML"),
     "finetune-config-list": ("finetune", ["--config", "{t}/list.yaml"], r"a config must be a mapping"),
-    "finetune-config-latin1": ("finetune", ["--config", "{t}/latin.yaml"], r"latin.yaml: not UTF-8 \(line 2, byte \d+\)"),
-    "finetune-config-nan": ("finetune", ["--config", "{t}/nan.yaml"], r"nan.yaml: key 'learning_rate' must be a finite"),
+    "finetune-config-latin1": ("finetune", ["--config", "{t}/latin.yaml"],
+                               r"latin.yaml: not UTF-8 \(line 2, byte \d+\)"),
+    "finetune-config-nan": ("finetune", ["--config", "{t}/nan.yaml"],
+                            r"nan.yaml: key 'learning_rate' must be a finite"),
     "finetune-config-typo": ("finetune", ["--config", "{t}/typo.yaml"], r"unknown key 'learning_rat', did you mean"),
     "sweep-config-binary": ("sweep", ["--config", "{t}/bin.yaml"], r"not UTF-8|not valid YAML"),
 })
@@ -197,17 +199,21 @@ DATA = {  # name: (file name, content, task, extra args, pattern)
     "csv-more-fields": ("m.csv", "text,label\na,pos,extra\n", "classify", [], r"m.csv:2: more fields than"),
     "csv-fewer-fields": ("f.csv", "text,label\na\n", "classify", [], r"f.csv:2: fewer fields than the header"),
     "csv-huge-field": ("h.csv", "text,label\n" + "x" * 200_000 + ",pos\n", "classify", [], r"h.csv:\d+: not readable"),
-    "csv-latin1": ("l.csv", "text,label\ncaf\xe9,pos\n".encode("latin-1"), "classify", [], r"not UTF-8 \(line 2, byte 14\)"),
+    "csv-latin1": ("l.csv", "text,label\ncaf\xe9,pos\n".encode("latin-1"), "classify", [],
+                   r"not UTF-8 \(line 2, byte 14\)"),
     "csv-only-header": ("h2.csv", "text,label\n", "classify", [], r"h2.csv holds no records"),
     "tsv-empty-label": ("e.tsv", TSV + "meh film\t\n", "classify", [], r"e.tsv:6: field 'label' is empty"),
     "tsv-blank-label": ("b.tsv", TSV + "meh film\t  \n", "classify", [], r"b.tsv:6: field 'label' is empty"),
     "tsv-empty-text": ("t.tsv", TSV + "\tpos\n", "classify", [], r"t.tsv:6: field 'text' is empty"),
     "tsv-no-label-column": ("c.tsv", "text\tstars\na\t1\n", "classify", [], r"c.tsv:2: no column 'label'"),
-    "jsonl-label-list": ("ll.jsonl", '{"text": "a", "label": ["x"]}\n', "classify", [], r"field 'label' must be a label"),
+    "jsonl-label-list": ("ll.jsonl", '{"text": "a", "label": ["x"]}\n', "classify", [],
+                         r"field 'label' must be a label"),
     "jsonl-label-object": ("lo.jsonl", '{"text": "a", "label": {"x": 1}}\n', "classify", [], r"must be a label"),
-    "jsonl-label-null": ("ln.jsonl", '{"text": "a", "label": null}\n', "classify", [], r"ln.jsonl:1: no column 'label'"),
+    "jsonl-label-null": ("ln.jsonl", '{"text": "a", "label": null}\n', "classify", [],
+                         r"ln.jsonl:1: no column 'label'"),
     "jsonl-label-nan": ("lnan.jsonl", '{"text": "a", "label": NaN}\n', "classify", [], r"must be a label"),
-    "jsonl-text-object": ("to.jsonl", '{"text": {"a": 1}, "label": "x"}\n', "classify", [], r"field 'text' must be text"),
+    "jsonl-text-object": ("to.jsonl", '{"text": {"a": 1}, "label": "x"}\n', "classify", [],
+                          r"field 'text' must be text"),
     "parquet-random": ("r.parquet", os.urandom(300), "classify", [], r"r.parquet: not a readable Parquet file"),
     "instruct-role-bot": ("r.jsonl", '{"messages": [{"role": "bot", "content": "x"}]}\n', "instruct", [],
                           r"r.jsonl:1: message 1 must have a role \(system, user, assistant\)"),
@@ -516,7 +522,8 @@ def test_damaged_gguf(case, verb, tmp_path, fx, capsys, monkeypatch):
 
 def test_damaged_templates_and_model_config(tmp_path, fx, capsys):
     t = tmp_path
-    for name, text, pattern in [("t1.yaml", b"gender: {values: [a, b], templates: ['no slot']}", r"has no \{\} to fill"),
+    for name, text, pattern in [("t1.yaml", b"gender: {values: [a, b], templates: ['no slot']}",
+                                 r"has no \{\} to fill"),
                                 ("t2.yaml", b"gender: {values: [a], templates: ['{} x']}", r"at least two strings"),
                                 ("t3.yaml", b"caf\xe9: 1", r"t3.yaml: not UTF-8"),
                                 ("t4.yaml", b"gender: {values: [a, b], templates: [3]}", r"list of non-empty strings")]:
@@ -537,9 +544,11 @@ def test_settings_that_only_the_model_can_refuse(tmp_path, fx, capsys):
                                                           "{{ raise_exception('roles must alternate') }}"))
     assert_one_line_failure(["finetune", "--model", str(model), "--data", str(w(t, "d.jsonl", GOOD)), "--out",
                              str(t / "o")], t, capsys, r"chat template refuses this conversation .*roles must")
+    long_text = TSV + " ".join(["word"] * 700) + "\tpos\n"
     assert_one_line_failure(["finetune", "--model", "minilm-l6", "--task", "classify", "--data",
-                             str(w(t, "d.tsv", TSV)), "--out", str(t / "o"), "--max-length", "4096"], t, capsys,
-                            r"--max-length 4096 is longer than model minilm-l6 can see \(512 positions\)")
+                             str(w(t, "d.tsv", long_text)), "--out", str(t / "o"), "--max-length", "4096"], t, capsys,
+                            r"--max-length 4096: examples of \d+ tokens are longer than model minilm-l6 can see "
+                            r"\(512 positions\)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,7 +615,8 @@ def test_resume_with_every_checkpoint_damaged_is_one_line(tmp_path, fx, capsys):
     for ckpt in (run / "checkpoints").glob("step-*"):
         w(ckpt, "meta.pt", b"")
     assert_one_line_failure(_resume_argv(fx, run, data), tmp_path, capsys,
-                            r"every checkpoint in .* is damaged \(the newest, step-00000003: meta.pt has 0 bytes.*start afresh with --overwrite", extra_roots=[data])
+                            r"every checkpoint in .* is damaged \(the newest, step-00000003: meta.pt has 0 "
+                            r"bytes.*start afresh with --overwrite", extra_roots=[data])
 
 
 def test_report_drops_a_torn_final_metrics_line(tmp_path, fx, capsys):
@@ -680,7 +690,8 @@ FAULTS = {  # verb args with {out} in the tmpfs; ro (read-only) or full; pattern
                          r"no space left"),
     "report-ro": (["report", "{run}", "--out", "{m}/rep"], "ro", r"read-only"),
     "sweep-ro": (["sweep", "--config", "{t}/sweep.yaml", "--out", "{m}/s"], "ro", r"read-only|cannot open it"),
-    "gguf-cache-ro": (["generate", "--model", "{t}/m.gguf", "--prompt", "x"], "ro-cache", r"the model cache .*read-only"),
+    "gguf-cache-ro": (["generate", "--model", "{t}/m.gguf", "--prompt", "x"], "ro-cache",
+                      r"the model cache .*read-only"),
     "out-under-a-file": (["finetune", "--model", "{tiny}", "--data", "{t}/d.jsonl", "--out", "{t}/d.jsonl/o"], None,
                          r"--out .*d.jsonl/o lies inside the input --data|is not a folder|not a directory"),
 }

@@ -28,9 +28,6 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     rows = task.read(cfg.data, cfg)
     t0 = time.perf_counter()
     model, tokenizer, meta = task.load(cfg.model, cfg)
-    from lmtune.models import check_max_length
-
-    check_max_length(model, cfg.max_length, cfg.model)
     task.check(rows, meta, cfg.data, cfg)
     result = task.evaluate(model, tokenizer, rows, cfg, meta)
     summary = {"task": cfg.task, "model": cfg.model, "data": cfg.data, "rows": len(rows), **result,

@@ -73,10 +73,10 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
         n_val = max(1, int(len(rows) * cfg.val_split))
         rows, eval_rows = rows[:-n_val], rows[-n_val:]
     model, tokenizer, meta = task.load(cfg.model, cfg, train_rows=rows)
-    models.check_max_length(model, cfg.max_length, cfg.model)
     task.check(eval_rows, meta, cfg.eval_data or cfg.data, cfg)
     examples = task.encode(rows, tokenizer, cfg, meta, cfg.data)
     eval_examples = task.encode(eval_rows, tokenizer, cfg, meta, cfg.eval_data or cfg.data) if eval_rows else []
+    models.check_max_length(model, examples + eval_examples, cfg.max_length, cfg.model)
     if cfg.pack:
         if (meta["head"], meta["kind"]) != ("causal", "decoder"):
             raise LmtuneError(f"--pack works for causal LMs; --task {cfg.task} with {cfg.model} is not one")

@@ -337,15 +337,19 @@ def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None =
     return model, tok, path
 
 
-def check_max_length(model, max_length: int, name: str) -> None:
-    """--max-length within the positions the model has: learned position embeddings (BERT, GPT-2, BART)
-    end at max_position_embeddings and an index past them fails mid-run; rotary models extrapolate."""
+def check_max_length(model, examples: list[dict], max_length: int, name: str) -> None:
+    """Examples within the positions the model has: learned position embeddings (BERT, GPT-2, BART) end at
+    max_position_embeddings, and an index past them fails mid-run; rotary models extrapolate."""
     cfg = getattr(model, "config", None)
     limit = getattr(cfg, "max_position_embeddings", None)
     rotary = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_theta", None)
-    if isinstance(limit, int) and limit > 0 and not rotary and max_length > limit:
-        raise LmtuneError(f"--max-length {max_length} is longer than model {name} can see ({limit} positions): "
-                          f"give --max-length {limit} or less")
+    if not isinstance(limit, int) or limit <= 0 or rotary or max_length <= limit:
+        return
+    longest = max((len(e.get(k) or ()) for e in examples for k in ("input_ids", "labels")
+                   if isinstance(e.get(k), list)), default=0)
+    if longest > limit:
+        raise LmtuneError(f"--max-length {max_length}: examples of {longest} tokens are longer than model {name} "
+                          f"can see ({limit} positions): give --max-length {limit} or less")
 
 
 def attach_task_lora(model, head: str, r: int, alpha: float, dropout: float, targets: str):

@@ -33,9 +33,6 @@ def predict(cfg: PredictConfig) -> Path:
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     rows = task.read(cfg.data, cfg, targets=False)
     model, tokenizer, meta = task.load(cfg.model, cfg)
-    from lmtune.models import check_max_length
-
-    check_max_length(model, cfg.max_length, cfg.model)
     preds = task.predict(model, tokenizer, rows, cfg, meta)
     tmp = None
     with files.writing(f"--out {out}"):
