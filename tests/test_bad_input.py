@@ -56,6 +56,10 @@ def test_out_holding_another_run_needs_resume_or_overwrite(tmp_path, tiny_chat_m
     r = run_cli("finetune", "--model", tiny_chat_model, "--data", data, "--out", out, "--max-steps", "1", "--resume")
     assert r.returncode == 2 and "holds no checkpoint to resume from" in r.stderr
     r = run_cli("finetune", "--model", tiny_chat_model, "--data", data, "--out", out, "--max-steps", "1",
+                "--overwrite")  # not a run lmtune wrote (no run.json): --overwrite does not delete it
+    assert r.returncode == 2 and "is not an lmtune run (no run.json)" in r.stderr, r.stderr[-1500:]
+    (out / "run.json").write_text("{}\n")
+    r = run_cli("finetune", "--model", tiny_chat_model, "--data", data, "--out", out, "--max-steps", "1",
                 "--overwrite")
     assert r.returncode == 0, r.stderr[-1500:]
     assert (out / "model.safetensors").is_file() and (out / "metrics.jsonl").read_text() != "{}\n"

@@ -48,7 +48,10 @@ def test_predict_writes_atomically_one_row_per_input(trained, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("review\nfine\n")
     before = target.read_text()
-    assert run_cli(["predict", "--model", out, "--task", "classify", "--data", bad, "--out", target]) == 2
+    assert run_cli(["predict", "--model", out, "--task", "classify", "--data", data, "--out", target]) == 2
+    assert "already exists" in capsys.readouterr().err  # an existing --out is replaced only with --overwrite
+    assert run_cli(["predict", "--model", out, "--task", "classify", "--data", bad, "--out", target,
+                    "--overwrite"]) == 2
     assert target.read_text() == before and "no column 'text'" in capsys.readouterr().err
     assert run_cli(["predict", "--model", out, "--task", "classify", "--data", data, "--out", tmp_path]) == 2
 

@@ -82,11 +82,18 @@ def chat(cfg: ChatConfig) -> list[dict]:
     history: list[dict] = []
     if interactive:
         print(f"chatting with {cfg.model}; {HELP}", file=sys.stderr)
+    n_line = 0
     while True:
+        n_line += 1
         try:
             line = input("you> " if interactive else "")
         except EOFError:
             break
+        except UnicodeDecodeError as e:
+            from lmtune.errors import LmtuneError
+
+            raise LmtuneError(f"standard input: not UTF-8 (line {n_line}, byte {e.start} of that line); "
+                              "send UTF-8 text") from None
         text = line.strip()
         if not text:
             continue

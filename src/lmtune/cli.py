@@ -12,7 +12,9 @@ import dataclasses
 import difflib
 import importlib
 import os
+import signal
 import sys
+import threading
 import typing
 
 from lmtune import config as C
@@ -72,7 +74,7 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, type]:
 def parse(verb: str, argv: list[str]):
     """Parse a verb's arguments into its config object (defaults < --config file < command line)."""
     parser, cls = _verb_parser(verb)
-    ns, rest = parser.parse_known_args(argv)
+    ns, rest = parser.parse_known_args(_join_negative_numbers(parser, argv))
     if hasattr(cls, "WRAPS"):
         return _parse_wrapper(cls, ns, rest)
     cli_values = {k: v for k, v in vars(ns).items() if k != "config"}
@@ -96,6 +98,30 @@ def parse(verb: str, argv: list[str]):
     return C.build(cls, file_values, ns.config or "", cli_values)
 
 
+def _join_negative_numbers(parser, argv: list[str]) -> list[str]:
+    """`--learning-rate -1e-4` as `--learning-rate=-1e-4`: argparse takes a word starting with '-' for an
+    option (and reports a missing value), so a negative number after an option that takes a value is
+    joined to it; the value is then checked like any other."""
+    takes_value = {s for a in parser._actions if a.option_strings and a.nargs is None for s in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-") and _is_number(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _parse_wrapper(cls, ns, rest: list[str]):
     """`lmtune estimate finetune --model ...`: its own options, then the wrapped verb's config (which
     also gets --config), parsed exactly as that verb parses it."""
@@ -115,6 +141,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which handles it itself): unwinds like Ctrl-C, so every verb's
+    clean-up (temporary files) runs, then exit code 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -126,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     verb = argv[0]
     budget.mark_start()  # a --budget counts from here, before the heavy imports
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         if verb not in VERBS:
             close = difflib.get_close_matches(verb, list(VERBS), n=1)
@@ -142,13 +179,35 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("error: stopped by SIGTERM", file=sys.stderr)
+        sys.exit(143)
+    except BaseException as e:  # the last net for a file-system fault that no verb named (a full disk...)
+        from lmtune.files import write_error
+
+        err = write_error(getattr(e, "filename", None) or "a file", e) \
+            if isinstance(e, Exception) or type(e).__name__ == "CheckpointException" else None
+        if err is None and _out_of_memory(e):
+            err = LmtuneError(f"out of memory ({(str(e).splitlines() or ['MemoryError'])[0][:120]}): lower "
+                              "--batch-size or --max-length (or use --lora, --activation-checkpointing)")
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     finally:
         budget.run_start()  # a mark the verb did not take must not reach a later run in this process
-        if "torch.distributed" in sys.modules:
-            import torch.distributed as dist
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        dist = sys.modules.get("torch.distributed")  # not imported here: a signal may have cut an import short
+        if dist is not None and getattr(dist, "is_available", lambda: False)() and \
+                getattr(dist, "is_initialized", lambda: False)():
+            dist.destroy_process_group()
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
 
 
 def _resume_after_elastic_restart(cfg) -> None:

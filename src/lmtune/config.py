@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,7 @@ class PredictConfig(TaskOptions):
     task: str = opt("", "Task type.", choices=TASKS, required=True)
     data: str = opt("", "Input data file (targets/labels not needed).", required=True)
     out: str = opt("", "Output JSONL file (written to a temporary file, then renamed).", required=True)
+    overwrite: bool = opt(False, "Replace an existing --out file.")
     batch_size: int = opt(16, "Rows per batch.", min=1)
     max_length: int = opt(512, "Most tokens per input (lm: the perplexity window).", min=8)
     limit: int = opt(0, "Use only the first N rows of the data; 0: all.", min=0)
@@ -384,6 +386,8 @@ def coerce(cls, key: str, value: Any, where: str) -> Any:
         raise LmtuneError(f"{where}: key '{key}' must be {typ.__name__}, got {value!r}")
     if typ is float:
         value = float(value)
+        if not math.isfinite(value):  # nan passes every range check and fails (or trains on garbage) later
+            raise LmtuneError(f"{where}: key '{key}' must be a finite number, got {value!r}")
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise LmtuneError(f"{where}: key '{key}' must be one of {', '.join(meta['choices'])}, got {value!r}")
@@ -416,7 +420,9 @@ def read_yaml(path: str) -> dict:
     if not p.is_file():
         raise LmtuneError(f"config file {path} not found: check the path given to --config")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        from lmtune.files import read_text
+
+        data = yaml.safe_load(read_text(p, "config file")) or {}
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         at = f":{line + 1}" if line is not None else ""
@@ -437,7 +443,16 @@ def build(cls, file_values: dict, file_name: str, cli_values: dict):
     if missing:
         flags = " ".join(f"--{k.replace('_', '-')} ..." for k in missing)
         raise LmtuneError(f"missing required setting {', '.join(missing)}: give {flags} (or put it in --config)")
-    return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+    cfg = cls(**{k.replace("-", "_"): v for k, v in values.items()})
+    cfg._config_file = file_name  # an input too: no output may overwrite it (not a field: not in run.json)
+    check_settings(cfg)
+    return cfg
+
+
+def check_settings(cfg) -> None:
+    """Checks across fields, at parse time (before any file is read or written)."""
+    if getattr(cfg, "resume", False) and getattr(cfg, "overwrite", False):
+        raise LmtuneError("--resume continues the run in --out and --overwrite replaces it: give one of them")
 
 
 def to_dict(cfg) -> dict:

@@ -26,12 +26,16 @@ def _score(model_name: str, rows: list[dict]) -> tuple[float, list[str]]:
 
 
 def demo(cfg: DemoConfig) -> dict:
+    from lmtune import files
+    from lmtune.config import to_dict
     from lmtune.data.synthetic import date_records
     from lmtune.finetune import finetune
+    from lmtune.track import write_run_info
     from lmtune.train.checkpoint import check_out_dir, create_out_dir
 
     t0 = time.perf_counter()
-    check_out_dir(cfg.out, False, cfg.overwrite)
+    check_out_dir(cfg.out, False, cfg.overwrite, files.local_inputs(model=cfg.model,
+                                                                    config=getattr(cfg, "_config_file", "")))
     eval_rows = date_records(cfg.eval_examples, seed=cfg.seed + 1)
     train_rows = date_records(cfg.train_examples, seed=cfg.seed, exclude={r["input"] for r in eval_rows})
 
@@ -40,11 +44,14 @@ def demo(cfg: DemoConfig) -> dict:
     before, preds_before = _score(cfg.model, eval_rows)
     print(f"      exact match before: {before:.1f}%", flush=True)
 
-    out = create_out_dir(cfg.out, False, cfg.overwrite)
+    def prepare(folder) -> None:  # run.json marks the folder as an lmtune run (a later demo may replace it)
+        write_run_info(folder, "demo", to_dict(cfg), {})
+        (folder / "data").mkdir()
+        for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", eval_rows)):
+            files.write_text(folder / "data" / name, "".join(json.dumps(r) + "\n" for r in rows))
+
+    out = create_out_dir(cfg.out, False, cfg.overwrite, prepare=prepare)
     data = out / "data"
-    data.mkdir()
-    for name, rows in (("train.jsonl", train_rows), ("eval.jsonl", eval_rows)):
-        (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     print(f"[2/3] LoRA fine-tuning for {cfg.max_steps} steps on {len(train_rows)} generated examples...", flush=True)
     ft = FinetuneConfig(model=cfg.model, data=str(data / "train.jsonl"), out=str(out / "adapter"), lora=True,
@@ -59,7 +66,7 @@ def demo(cfg: DemoConfig) -> dict:
     result = {"task": "dates", "model": cfg.model, "eval_examples": len(eval_rows),
               "exact_match_before": before, "exact_match_after": after, "minutes": round(minutes, 2),
               "adapter": str(out / "adapter")}
-    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    files.write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")
 
     print(f"\n{'input':<34} {'expected':<11} {'before':<22} after")
     for r, b, a in list(zip(eval_rows, preds_before, preds_after))[:6]:

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from lmtune import files
 from lmtune.config import ExportConfig
 from lmtune.errors import LmtuneError
 
@@ -134,26 +135,28 @@ def write_gguf(model, tokenizer, path: Path, dtype: str, name: str) -> None:
 
 def export(cfg: ExportConfig) -> Path:
     from lmtune import models
-    from lmtune.merge import check_out, prepare_out
+    from lmtune.merge import check_out, save_swapped
 
     out = Path(cfg.out)
     if cfg.format == "gguf" and out.suffix != ".gguf":
         raise LmtuneError(f"--out {cfg.out}: a GGUF export needs a file name ending in .gguf")
-    check_out(cfg.out, cfg.overwrite)
+    if cfg.format == "gguf" and out.is_dir():
+        raise LmtuneError(f"--out {cfg.out} is a folder: a GGUF export writes one file; give FILE.gguf")
+    if cfg.format == "safetensors" and (out.is_file() or out.suffix == ".gguf"):
+        raise LmtuneError(f"--out {cfg.out}: --format safetensors writes a folder; give a folder name")
+    check_out(cfg.out, cfg.overwrite, files.local_inputs(model=cfg.model, config=getattr(cfg, "_config_file", "")))
     model, tokenizer = load_merged(cfg.model)
     if cfg.format == "safetensors":
-        out = prepare_out(cfg.out, cfg.overwrite)
         meta = models.read_lmtune_file(models.resolve(cfg.model))
-        models.save_model(model, tokenizer, out, {"task": meta.get("task"), "exported_from": cfg.model})
+        out = save_swapped(model, tokenizer, cfg.out, {"task": meta.get("task"), "exported_from": cfg.model})
     else:
         check_architecture(model.config)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        with files.writing(f"--out {out}"):
+            out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")  # never leave a half-written .gguf where a reader looks
-        try:
+        with files.writing(f"--out {out}", tmp):
             write_gguf(model, tokenizer, tmp, cfg.dtype, Path(cfg.model).name or cfg.model)
             tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)
     print(f"exported {cfg.model} to {out} ({cfg.format}{', ' + cfg.dtype if cfg.format == 'gguf' else ''})",
           file=sys.stderr)
     return out

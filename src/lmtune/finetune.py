@@ -54,17 +54,19 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     started = budget.run_start()  # a --budget counts from here: loading and encoding are part of the run
     import torch
 
-    from lmtune import models
+    from lmtune import files, models
     from lmtune.data.batching import pack
     from lmtune.errors import LmtuneError
     from lmtune.track import plot_loss, write_run_info
     from lmtune.train import distributed
-    from lmtune.train.checkpoint import check_out_dir, create_out_dir
+    from lmtune.train.checkpoint import check_out_dir, create_out_dir, discard_if_failed_early
     from lmtune.train.loop import fit, mean_loss
 
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     distributed.setup(cfg.distributed)
-    check_out_dir(cfg.out, cfg.resume, cfg.overwrite)
+    inputs = files.local_inputs(data=cfg.data, eval_data=cfg.eval_data, model=cfg.model,
+                                config=getattr(cfg, "_config_file", ""))
+    check_out_dir(cfg.out, cfg.resume, cfg.overwrite, inputs, settings=to_dict(cfg))
     seconds = budget.check(cfg)
     metric, mode = watched_metric(cfg, task.METRICS)
     if cfg.threads:
@@ -78,6 +80,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     task.check(eval_rows, meta, cfg.eval_data or cfg.data, cfg)
     examples = task.encode(rows, tokenizer, cfg, meta, cfg.data)
     eval_examples = task.encode(eval_rows, tokenizer, cfg, meta, cfg.eval_data or cfg.data) if eval_rows else []
+    models.check_max_length(model, examples + eval_examples, cfg.max_length, cfg.model)
     if cfg.pack:
         if (meta["head"], meta["kind"]) != ("causal", "decoder"):
             raise LmtuneError(f"--pack works for causal LMs; --task {cfg.task} with {cfg.model} is not one")
@@ -89,11 +92,6 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
                                         cfg.lora_targets)
     models.save_activation_memory(model, cfg)
     total, trainable = models.count_parameters(model)
-    if distributed.world().is_main:
-        packed = f" packed into {len(examples)} blocks of {cfg.max_length}" if cfg.pack else ""
-        print(f"model {cfg.model} ({meta['kind']}, --task {cfg.task}): {total / 1e6:.1f}M parameters, "
-              f"{trainable / 1e6:.2f}M trainable; {n_rows if cfg.pack else len(examples)} training examples"
-              f"{packed} from {len(rows)} rows, {len(eval_rows)} validation rows", file=sys.stderr)
 
     meta = {"base_model": cfg.model, **meta, "lora": cfg.lora}
     coll = task.collate(tokenizer, meta)
@@ -104,17 +102,23 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
         loss = result["loss"] if "loss" in result else mean_loss(m, eval_examples, coll, task.loss, cfg.batch_size)
         return {"val_loss": float(loss), **{f"val_{k}": float(result[k]) for k in task.METRICS}}
 
+    # --budget: step and validation times measured, and a budget too short refused, before --out is touched
     plan = budget.plan_for(cfg, seconds, started, model, examples, coll, task.loss,
                            evaluate if eval_rows else None) if seconds else None
 
-    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite)
-    write_run_info(out, "finetune", to_dict(cfg), {"parameters": total, "trainable_parameters": trainable})
-
-    last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate if eval_rows else None,
-               resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"),
-               metric=metric, mode=mode, patience=cfg.early_stopping_patience,
-               save_best=best_saver(out, tokenizer, meta), on_validation=on_validation, plan=plan)
-    models.save_model(model, tokenizer, out, meta)
+    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite, prepare=lambda d: write_run_info(
+        d, "finetune", to_dict(cfg), {"parameters": total, "trainable_parameters": trainable}))
+    if distributed.world().is_main:
+        packed = f" packed into {len(examples)} blocks of {cfg.max_length}" if cfg.pack else ""
+        print(f"model {cfg.model} ({meta['kind']}, --task {cfg.task}): {total / 1e6:.1f}M parameters, "
+              f"{trainable / 1e6:.2f}M trainable; {n_rows if cfg.pack else len(examples)} training examples"
+              f"{packed} from {len(rows)} rows, {len(eval_rows)} validation rows", file=sys.stderr)
+    with discard_if_failed_early(out, cfg.resume):
+        last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate if eval_rows else None,
+                   resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"),
+                   metric=metric, mode=mode, patience=cfg.early_stopping_patience,
+                   save_best=best_saver(out, tokenizer, meta), on_validation=on_validation, plan=plan)
+        models.save_model(model, tokenizer, out, meta)
     plot_loss(out)
     if distributed.world().is_main:
         print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; model in {out}"

@@ -8,31 +8,29 @@ clear error rather than a shape mismatch deep inside peft.
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 from pathlib import Path
 
+from lmtune import files
 from lmtune.config import MergeConfig
 from lmtune.errors import LmtuneError
 
 
-def check_out(out: str, overwrite: bool) -> bool:
-    """Whether --out holds something; that is an error without --overwrite (checked before any work)."""
-    p = Path(out)
-    taken = p.exists() and (p.is_file() or any(p.iterdir()))
-    if taken and not overwrite:
-        raise LmtuneError(f"output {out} already exists and is not empty: choose another --out or add --overwrite")
-    return taken
+def check_out(out: str, overwrite: bool, inputs: list | None = None) -> bool:
+    """Whether --out holds something (checked before any work): it may not be or hold an input, and what
+    it holds is replaced only with --overwrite and only when lmtune wrote it."""
+    files.check_outputs([("--out", out)], inputs or [])
+    return files.check_replaceable(out, overwrite)
 
 
-def prepare_out(out: str, overwrite: bool) -> Path:
-    """An empty output folder; an existing non-empty one is replaced only with --overwrite."""
-    p = Path(out)
-    if check_out(out, overwrite):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+def save_swapped(model, tokenizer, out: str, meta: dict) -> Path:
+    """Save the model into a temporary folder beside --out, then swap it in (the old one goes only then)."""
+    from lmtune import models
+
+    tmp = files.new_sibling(Path(out))
+    with files.writing(f"--out {out}", tmp):
+        models.save_model(model, tokenizer, tmp, meta)
+    return files.swap_in(tmp, Path(out))
 
 
 def adapter_base_name(adapter: Path) -> str:
@@ -42,7 +40,7 @@ def adapter_base_name(adapter: Path) -> str:
     if not (adapter / "adapter_config.json").is_file():
         raise LmtuneError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json): "
                           "give the --out folder of `lmtune finetune --lora`")
-    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    recorded = files.read_json(adapter / "adapter_config.json", "adapter file").get("base_model_name_or_path")
     return models.read_lmtune_file(str(adapter)).get("base_model") or recorded or ""
 
 
@@ -54,7 +52,8 @@ def check_adapter_fits(base, adapter: Path, base_name: str) -> None:
     if not weights.is_file():
         raise LmtuneError(f"{adapter} has no adapter_model.safetensors: is the adapter complete?")
     modules = dict(base.named_modules())
-    with safe_open(str(weights), framework="pt") as f:
+    files.check_safetensors(weights)
+    with files.loading(weights, "adapter weights"), safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             if ".lora_A." not in key and ".lora_B." not in key:
                 continue
@@ -94,7 +93,8 @@ def merge_adapter(base_name: str, adapter: Path):
         if not same:  # shapes fit, so it will merge; the user may still have meant another base
             print(f"warning: adapter {adapter} was trained on '{named}', merging into '{base_name}' "
                   "(the shapes fit)", file=sys.stderr)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    with files.loading(adapter, "LoRA adapter", "check adapter_config.json, or train the adapter again"):
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     if (adapter / "tokenizer_config.json").is_file():  # the adapter's own copy wins (it may add tokens)
         tokenizer = models.load_tokenizer(str(adapter))
     return merged, tokenizer, base_name
@@ -106,12 +106,12 @@ def merge(cfg: MergeConfig) -> Path:
     adapter = Path(cfg.adapter)
     if not adapter.is_dir():
         raise LmtuneError(f"adapter folder {cfg.adapter} not found")
-    adapter_base_name(adapter)  # checks it is an adapter before --out is touched
-    check_out(cfg.out, cfg.overwrite)
+    named = adapter_base_name(adapter)  # checks it is an adapter before --out is touched
+    check_out(cfg.out, cfg.overwrite, files.local_inputs(adapter=adapter, model=cfg.model or named,
+                                                         config=getattr(cfg, "_config_file", "")))
     model, tokenizer, base_name = merge_adapter(cfg.model, adapter)
-    out = prepare_out(cfg.out, cfg.overwrite)
     meta = models.read_lmtune_file(str(adapter))
-    models.save_model(model, tokenizer, out, {"task": meta.get("task"), "base_model": base_name,
-                                              "merged_adapter": str(adapter.resolve()), "lora": False})
+    out = save_swapped(model, tokenizer, cfg.out, {"task": meta.get("task"), "base_model": base_name,
+                                                   "merged_adapter": str(adapter.resolve()), "lora": False})
     print(f"merged {adapter} into {base_name}: {out}", file=sys.stderr)
     return out

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmtune import files
 from lmtune.errors import LmtuneError
 
 # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every wrap: noise for users
@@ -66,12 +67,14 @@ def resolve(name: str) -> str:
     p = Path(name).expanduser()
     if p.is_dir():
         if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
+            files.check_model_folder(p)  # a damaged file is named here, not deep inside a library
             return str(p)
         raise LmtuneError(f"model folder {name} has neither config.json nor adapter_config.json: "
                           "is it a Hugging Face model folder?")
     tried.append("local folder")
     if p.suffix == ".gguf":
         if p.is_file():
+            files.check_gguf(p)
             return convert_gguf(p)
         raise LmtuneError(f"model file {name} not found")
     tried.append(".gguf file")
@@ -95,17 +98,20 @@ def convert_gguf(path: Path) -> str:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    with files.writing(f"the model cache {target.parent}", hint="set LMTUNE_CACHE to a writable folder"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        with files.loading(path, "GGUF file", "it is damaged, cut short or not a model lmtune can convert"):
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
         # the weights are dequantized to float on load; drop the GGUF marker so they can be saved
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with files.writing(f"the model cache {target.parent}", tmp, hint="set LMTUNE_CACHE to a writable folder"):
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first: use its folder
@@ -118,13 +124,14 @@ def convert_gguf(path: Path) -> str:
 
 def read_lmtune_file(folder: str) -> dict:
     f = Path(folder) / LMTUNE_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    return files.read_json(f, "model file") if f.is_file() else {}
 
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    with files.loading(path, "tokenizer of", "its tokenizer files are damaged: copy or save the model again"):
+        tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:  # padding is masked by position, so any id will do
         tok.pad_token = tok.eos_token
     return tok
@@ -156,15 +163,14 @@ def build_from_preset(size: str, tokenizer, max_length: int, config_file: str = 
         p = Path(config_file)
         if not p.is_file():
             raise LmtuneError(f"model config {config_file} not found: give a JSON file of LlamaConfig fields")
-        try:
-            arch = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise LmtuneError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg})") from None
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=max_length, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **arch)
-    return LlamaForCausalLM(cfg)
+        arch = files.read_json(p, "--model-config")
+    with files.loading(config_file or size, "--model-config", "give LlamaConfig fields with valid values "
+                       "(hidden_size divisible by num_attention_heads, ...)"):
+        cfg = LlamaConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=max_length, tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **arch)
+        return LlamaForCausalLM(cfg)
 
 
 def attach_lora(model, r: int, alpha: float, dropout: float, targets: str):
@@ -231,15 +237,18 @@ def save_model(model, tokenizer, out: Path, meta: dict) -> None:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not distributed.world().is_main:
         return
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=out))
+    tmp = None
     try:
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        (tmp / LMTUNE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
+        with files.writing(f"the model in {out}"):
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=out))
+            model.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+            (tmp / LMTUNE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,10 +268,8 @@ def model_kind(path: str) -> str:
         return meta["kind"]
     if (Path(path) / "adapter_config.json").is_file():
         return model_kind(_adapter_base(path))
-    try:
+    with files.loading(f"{path}/config.json", "model config", "it is damaged or not a transformers config"):
         cfg = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise LmtuneError(f"could not read the config of model {path}: {str(e).splitlines()[0]}") from None
     if cfg.is_encoder_decoder:
         return "seq2seq"
     return "encoder" if cfg.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "decoder"
@@ -270,8 +277,11 @@ def model_kind(path: str) -> str:
 
 def _adapter_base(path: str) -> str:
     meta = read_lmtune_file(path)
-    base = meta.get("base_model") or json.loads((Path(path) / "adapter_config.json").read_text())[
-        "base_model_name_or_path"]
+    base = meta.get("base_model") or files.read_json(Path(path) / "adapter_config.json", "adapter file").get(
+        "base_model_name_or_path")
+    if not base or not isinstance(base, str):
+        raise LmtuneError(f"adapter {path} does not name its base model (adapter_config.json "
+                          "base_model_name_or_path, lmtune.json base_model): set base_model_name_or_path")
     return resolve(base)
 
 
@@ -308,22 +318,38 @@ def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None =
                      label2id={lab: i for i, lab in enumerate(labels)})
     is_adapter = (Path(path) / "adapter_config.json").is_file()
     base_path = _adapter_base(path) if is_adapter else path
-    try:
+    for_task = f" for --task {task}" if task else ""
+    with files.loading(base_path, f"model{for_task}", "check that the folder is a complete Hugging Face model "
+                       "(config.json, weights), or copy it again"):
         model = cls.from_pretrained(base_path, dtype=dtype or torch.float32, **extra)
-        if is_adapter:
-            from peft import PeftModel
+    if is_adapter:
+        from peft import PeftModel
 
+        from lmtune.fused import fuse_lora
+
+        with files.loading(path, "LoRA adapter", "check adapter_config.json and adapter_model.safetensors, or "
+                           "train the adapter again"):
             model = PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
-            from lmtune.fused import fuse_lora
-
-            fuse_lora(model)  # as attach_task_lora: a loaded adapter trains and predicts as fast as a new one
-    except (OSError, ValueError) as e:
-        for_task = f" for --task {task}" if task else ""
-        raise LmtuneError(f"could not load model '{name}'{for_task}: {str(e).splitlines()[0]}") from None
+        fuse_lora(model)  # as attach_task_lora: a loaded adapter trains and predicts as fast as a new one
     tok = load_tokenizer(path if (Path(path) / "tokenizer_config.json").is_file() else base_path)
     if head == "seq_cls":  # decoders classify from the last non-pad token, found by the pad id
         model.config.pad_token_id = tok.pad_token_id
     return model, tok, path
+
+
+def check_max_length(model, examples: list[dict], max_length: int, name: str) -> None:
+    """Examples within the positions the model has: learned position embeddings (BERT, GPT-2, BART) end at
+    max_position_embeddings, and an index past them fails mid-run; rotary models extrapolate."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    rotary = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_theta", None)
+    if not isinstance(limit, int) or limit <= 0 or rotary or max_length <= limit:
+        return
+    longest = max((len(e.get(k) or ()) for e in examples for k in ("input_ids", "labels")
+                   if isinstance(e.get(k), list)), default=0)
+    if longest > limit:
+        raise LmtuneError(f"--max-length {max_length}: examples of {longest} tokens are longer than model {name} "
+                          f"can see ({limit} positions): give --max-length {limit} or less")
 
 
 def attach_task_lora(model, head: str, r: int, alpha: float, dropout: float, targets: str):

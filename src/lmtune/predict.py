@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lmtune import files
 from lmtune.config import PredictConfig
 from lmtune.errors import LmtuneError
 
@@ -24,22 +25,24 @@ def predict(cfg: PredictConfig) -> Path:
     out = Path(cfg.out)
     if out.is_dir():
         raise LmtuneError(f"--out {cfg.out} is a folder: give a file name such as predictions.jsonl")
+    files.check_outputs([("--out", out)], files.local_inputs(data=cfg.data, model=cfg.model,
+                                                             config=getattr(cfg, "_config_file", "")))
+    files.check_replaceable(out, cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     rows = task.read(cfg.data, cfg, targets=False)
     model, tokenizer, meta = task.load(cfg.model, cfg)
     preds = task.predict(model, tokenizer, rows, cfg, meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    tmp = None
+    with files.writing(f"--out {out}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    with files.writing(f"--out {out}", tmp):
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row, pred in zip(rows, preds):
                 ids = {"row": row.get("_line"), **({"id": row["id"]} if "id" in row else {})}
                 f.write(json.dumps({**ids, **pred}, ensure_ascii=False) + "\n")
         os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     print(f"{len(preds)} predictions written to {out}", file=sys.stderr)
     return out

@@ -51,9 +51,9 @@ def load_tokenizer_path(path: str):
             tok = AutoTokenizer.from_pretrained(str(p))
         else:
             raise OSError("not found")
-    except (OSError, ValueError) as e:
-        raise LmtuneError(f"--tokenizer {path}: not 'bpe', 'char' or a tokenizer folder ({str(e).splitlines()[0]})") \
-            from None
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for a damaged tokenizer.json
+        raise LmtuneError(f"--tokenizer {path}: not 'bpe', 'char' or a tokenizer folder "
+                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -66,17 +66,20 @@ def pretrain(cfg: PretrainConfig) -> Path:
     started = budget.run_start()  # a --budget counts from here
     import torch
 
-    from lmtune import models
+    from lmtune import files, models
     from lmtune.data.batching import collate
     from lmtune.data.readers import read_text
     from lmtune.tasks import lm as task
     from lmtune.track import plot_loss, write_run_info
     from lmtune.train import distributed
-    from lmtune.train.checkpoint import check_out_dir, create_out_dir
+    from lmtune.train.checkpoint import check_out_dir, create_out_dir, discard_if_failed_early
     from lmtune.train.loop import fit, mean_loss
 
     distributed.setup(cfg.distributed)
-    check_out_dir(cfg.out, cfg.resume, cfg.overwrite)
+    tokenizer_path = cfg.tokenizer if cfg.tokenizer not in ("bpe", "char") else ""
+    inputs = files.local_inputs(data=cfg.data, tokenizer=tokenizer_path, model_config=cfg.model_config,
+                                config=getattr(cfg, "_config_file", ""))
+    check_out_dir(cfg.out, cfg.resume, cfg.overwrite, inputs, settings=to_dict(cfg))
     seconds = budget.check(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -96,23 +99,27 @@ def pretrain(cfg: PretrainConfig) -> Path:
     total, _ = models.count_parameters(model)
     n_tokens = sum(len(e["input_ids"]) for e in examples)
     models.save_activation_memory(model, cfg)
-    if distributed.world().is_main:
-        print(f"model {cfg.model_config or cfg.model_size}: {total / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}; "
-              f"{n_tokens} training tokens in {len(examples)} blocks, {len(val_examples)} validation blocks",
-              file=sys.stderr)
 
     coll = partial(collate, pad_id=tokenizer.pad_token_id)
     evaluate = (lambda m: {"val_loss": mean_loss(m, val_examples, coll, task.loss, cfg.batch_size)}) \
         if val_examples else None
+    # --budget: step and validation times measured, and a budget too short refused, before --out is touched
     plan = budget.plan_for(cfg, seconds, started, model, examples, coll, task.loss, evaluate) if seconds else None
 
-    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite)
-    if not cfg.resume and distributed.world().is_main:
-        tokenizer.save_pretrained(out / "tokenizer")
-    write_run_info(out, "pretrain", to_dict(cfg), {"parameters": total, "train_tokens": n_tokens})
-    last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate,
-               resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"), plan=plan)
-    models.save_model(model, tokenizer, out, {"task": "lm", "model_size": cfg.model_size})
+    def prepare(folder: Path) -> None:  # the run's first files, before it is moved into place
+        if not cfg.resume:
+            tokenizer.save_pretrained(folder / "tokenizer")
+        write_run_info(folder, "pretrain", to_dict(cfg), {"parameters": total, "train_tokens": n_tokens})
+
+    out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite, prepare=prepare)
+    if distributed.world().is_main:
+        print(f"model {cfg.model_config or cfg.model_size}: {total / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}; "
+              f"{n_tokens} training tokens in {len(examples)} blocks, {len(val_examples)} validation blocks",
+              file=sys.stderr)
+    with discard_if_failed_early(out, cfg.resume):
+        last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate,
+                   resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"), plan=plan)
+        models.save_model(model, tokenizer, out, {"task": "lm", "model_size": cfg.model_size})
     plot_loss(out)
     if distributed.world().is_main:
         print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 import sys
 from pathlib import Path
 
+from lmtune import files
 from lmtune.config import ReportConfig
 from lmtune.errors import LmtuneError
 from lmtune.track import read_metrics
@@ -25,23 +25,31 @@ PLOTS = [("loss.png", "Training and validation loss", "loss", ("loss", "val_loss
 
 def report(cfg: ReportConfig) -> Path:
     """Check the run folders, draw the plots, write report.html; returns its path."""
-    runs = [Path(r) for r in cfg.runs.split(",") if r.strip()]
+    runs = [Path(r.strip()) for r in cfg.runs.split(",") if r.strip()]
     for r in runs:
         if not (r / "metrics.jsonl").is_file():
             raise LmtuneError(f"{r}: no metrics.jsonl here; give a run folder written by finetune or pretrain")
     out = Path(cfg.out) if cfg.out else (runs[0] if len(runs) == 1 else Path("report"))
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise LmtuneError(f"--out {out} is a file: give a folder for report.html and its plots")
     series = {_label(r, runs): read_metrics(r) for r in runs}
-    images = [p for p in (_plot(out / f, t, y, keys, series) for f, t, y, keys in PLOTS) if p]
     val_keys = sorted({k for rows in series.values() for row in rows for k in row
-                       if k.startswith("val_") and k != "val_loss" and isinstance(row[k], (int, float))})
+                       if k.startswith("val_") and k != "val_loss" and _is_num(row[k])
+                       and k.replace("_", "").isalnum()})  # a key becomes a file name: letters, digits, _
+    # report writes these files into --out (the run folder by default) and nothing else
+    names = ["report.html"] + [f for f, *_ in PLOTS] + [f"{k}.png" for k in val_keys]
+    inputs = [("run", (r / n).resolve()) for r in runs for n in ("metrics.jsonl", "run.json") if (r / n).exists()]
+    files.check_outputs([("--out", out / n) for n in names], inputs + files.local_inputs(
+        config=getattr(cfg, "_config_file", "")))
+    with files.writing(f"--out {out}"):
+        out.mkdir(parents=True, exist_ok=True)
+    images = [p for p in (_plot(out / f, t, y, keys, series) for f, t, y, keys in PLOTS) if p]
     images += [p for p in (_plot(out / f"{k}.png", k, k, (k,), series) for k in val_keys) if p]
     facts = [_facts(r) for r in runs]
     body = "".join(f'<h2>{html.escape(t)}</h2><img src="{p.name}">' for p, t in
                    ((p, p.stem.replace("_", " ")) for p in images))
     page = _page("lmtune report: " + ", ".join(r.name for r in runs), _table(facts) + body)
-    path = out / "report.html"
-    path.write_text(page)
+    path = files.write_text(out / "report.html", page, f"--out {out / 'report.html'}")
     print(f"report: {path} ({len(images)} plots)", file=sys.stderr)
     return path
 
@@ -58,7 +66,7 @@ def _plot(path: Path, title: str, ylabel: str, keys: tuple, series: dict) -> Pat
     drawn = False
     for label, rows in series.items():
         for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+            pts = [(r["step"], r[key]) for r in rows if _is_num(r.get(key)) and _is_num(r.get("step"))]
             if pts:
                 style = "o-" if key.startswith("val_") else "-"
                 ax.plot(*zip(*pts), style, lw=1, ms=3, label=f"{label} {key}" if len(series) > 1 else key)
@@ -68,29 +76,48 @@ def _plot(path: Path, title: str, ylabel: str, keys: tuple, series: dict) -> Pat
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=90)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        with files.writing(f"--out {path}", tmp):
+            fig.savefig(tmp, dpi=90)
+            tmp.replace(path)
     plt.close(fig)
     return path if drawn else None
 
 
+def _is_num(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _facts(run: Path) -> dict:
     """The run's facts for the table: what ran, on what, how it ended."""
-    info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
-    cfg, rows = info.get("config", {}), read_metrics(run)
-    steps = [r for r in rows if "loss" in r]
-    vals = [r for r in rows if "val_loss" in r]
+    try:
+        info = files.read_json(run / "run.json") if (run / "run.json").is_file() else {}
+    except LmtuneError as e:
+        print(f"warning: {e}; the run's facts are left out", file=sys.stderr)
+        info = {}
+    cfg = info.get("config") if isinstance(info.get("config"), dict) else {}
+    rows = read_metrics(run)
+    steps = [r for r in rows if _is_num(r.get("loss")) and _is_num(r.get("step"))]
+    vals = [r for r in rows if _is_num(r.get("val_loss"))]
+    speeds = [r["tokens_per_s"] for r in steps if _is_num(r.get("tokens_per_s"))]
     facts = {"run": str(run), "verb": info.get("verb", "?"), "model": cfg.get("model") or cfg.get("model_size"),
              "task": cfg.get("task"), "started": info.get("started"), "parameters": info.get("parameters"),
              "trainable": info.get("trainable_parameters"), "steps": steps[-1]["step"] if steps else 0,
              "final loss": steps[-1]["loss"] if steps else None,
              "best val_loss": min(r["val_loss"] for r in vals) if vals else None,
-             "tokens/s": sum(r["tokens_per_s"] for r in steps) / len(steps) if steps else None,
-             "peak MB": max((r.get("peak_mem_mb", 0) for r in steps), default=None),
+             "tokens/s": sum(speeds) / len(speeds) if speeds else None,
+             "peak MB": max((r["peak_mem_mb"] for r in steps if _is_num(r.get("peak_mem_mb"))), default=None),
              "learning rate": cfg.get("learning_rate"), "batch": cfg.get("batch_size"), "lora": cfg.get("lora"),
-             "data sha256": ", ".join(h[:12] for h in info.get("data_sha256", {}).values()),
-             "torch": info.get("packages", {}).get("torch", info.get("torch")),
-             "hardware": (info.get("hardware") or {}).get("cpu")}
+             "data sha256": ", ".join(str(h)[:12] for h in _mapping(info.get("data_sha256")).values()),
+             "torch": _mapping(info.get("packages")).get("torch", info.get("torch")),
+             "hardware": _mapping(info.get("hardware")).get("cpu")}
     return facts
+
+
+def _mapping(v) -> dict:
+    return v if isinstance(v, dict) else {}
 
 
 def _table(rows: list[dict]) -> str:

@@ -44,10 +44,24 @@ TASK_ROUTES = {"classify": "classify", "translate": "translate", "answer": "qa"}
 
 
 # ----------------------------------------------------------------------------------------------
-# Request bodies. Strict types: "max_tokens": "5" is a mistake to report, not to guess at.
+# Request bodies. Strict types: "max_tokens": "5" is a mistake to report, not to guess at. Every field a
+# body may hold either works or is refused with a 400 naming it: unknown fields are refused (extra=forbid),
+# and OpenAI's fields this server does not implement are accepted only at their no-op value (UNSUPPORTED).
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+# field -> the values that ask for nothing (what a client library sends when the user set nothing)
+UNSUPPORTED = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (None, False),
+               "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False), "best_of": (None, 1),
+               "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+               "response_format": (None, {"type": "text"})}
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs...)
+    model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = Field(None, description="Must be the served model's name (GET /v1/models).")
     max_tokens: StrictInt | None = Field(None, ge=1, description="Most tokens to generate (server cap applies).")
@@ -57,7 +71,19 @@ class _Body(BaseModel):
     stream: StrictBool = False
     stop: StrictStr | list[StrictStr] | None = Field(None, description="Up to 4 strings that end the text.")
     seed: StrictInt | None = None
-    stream_options: dict | None = None
+    top_k: StrictInt = Field(0, ge=0, description="Sample among the k most likely tokens (0: all).")
+    stream_options: StreamOptions | None = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
 
 
 class CompletionRequest(_Body):
@@ -66,12 +92,13 @@ class CompletionRequest(_Body):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: StrictStr
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[TextPart] | None = None
 
@@ -82,11 +109,13 @@ class ChatRequest(_Body):
 
 
 class QAInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     question: StrictStr
     context: StrictStr = ""
 
 
 class TaskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = None
     input: Union[StrictStr, QAInput, list[StrictStr], list[QAInput]] = Field(
         ..., description="classify/translate: text or list of texts; answer: {question, context} or a list.")
@@ -174,7 +203,7 @@ async def generate_events(state: Served, prompts: list[list[int]], body: _Body, 
             except RuntimeError:  # the event loop is closed (server shutting down): nobody listens any more
                 requests[i].cancelled.set()
         seed = None if body.seed is None else body.seed + i
-        requests.append(GenRequest(ids, max_tokens, emit, body.temperature, body.top_p, 0, seed))
+        requests.append(GenRequest(ids, max_tokens, emit, body.temperature, body.top_p, body.top_k, seed))
     detoks = [StopText(state.tokenizer, stop) for _ in requests]
     for r in requests:
         state.batcher.submit(r)
@@ -210,6 +239,11 @@ async def generate_events(state: Served, prompts: list[list[int]], body: _Body, 
 def check_request(state: Served, body: _Body, prompts: list[list[int]], param: str, max_tokens: int | None):
     """The request's max_tokens and stop list, once every limit is checked (400 with the reason if not)."""
     cfg = state.cfg
+    for name, no_op in UNSUPPORTED.items():
+        value = getattr(body, name, None)
+        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in no_op):
+            raise ApiError(400, f"{name} is not supported by this server (only {no_op[-1]!r} or leaving it out)",
+                           name, "unsupported_parameter")
     if body.model and body.model != state.name:
         raise ApiError(404, f"model '{body.model}' is not served here; this server serves '{state.name}'",
                        "model", "model_not_found")
@@ -263,7 +297,7 @@ async def respond(state: Served, chat: bool, body: _Body, prompts: list[list[int
         return envelope(kind, [_choice(chat, False, i, texts[i], finishes[i]) for i in range(k)], usage)
 
     chunk_kind = "chat.completion.chunk" if chat else kind
-    with_usage = bool((body.stream_options or {}).get("include_usage"))
+    with_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def sse():
         made = 0
@@ -354,11 +388,19 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
-        err = e.errors()[0]
+        errors = e.errors()
+        err = errors[0]
+        if err["type"] != "json_invalid":  # of a union's alternatives, the one that got furthest says most
+            err = max(errors, key=lambda x: len(x["loc"]))
         if err["type"] == "json_invalid":
             return error_response(400, f"request body is not valid JSON ({err.get('ctx', {}).get('error', '')})",
                                   None, "invalid_json")
-        where = ".".join(str(x) for x in err["loc"] if x != "body") or None
+        # loc without "body" and without the names pydantic gives a union's branches (str, list[TextPart])
+        where = ".".join(str(x) for x in err["loc"] if x != "body" and not (
+            isinstance(x, str) and (x in ("str", "int", "float", "bool", "none") or "[" in x))) or None
+        if err["type"] == "extra_forbidden":
+            return error_response(400, f"{where}: this server does not support this field; leave it out (see "
+                                  "/openapi.json for the fields each route takes)", where, "unsupported_parameter")
         return error_response(400, f"{where or 'body'}: {err['msg']}", where, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from lmtune import config as C
+from lmtune import files
 from lmtune.config import FinetuneConfig, SweepConfig
 from lmtune.errors import LmtuneError
 
@@ -32,8 +33,10 @@ def sweep(cfg: SweepConfig):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     out = Path(cfg.out)
+    check_sweep_out(cfg, base)
     study = open_study(cfg, direction)
-    out.mkdir(parents=True, exist_ok=True)
+    with files.writing(f"--out {out}"):
+        out.mkdir(parents=True, exist_ok=True)
     for params in cfg.enqueue:  # skip_if_exists: a resumed sweep does not queue them twice
         study.enqueue_trial({k: params[k] for k in params}, skip_if_exists=True)
     left = cfg.trials - _count_done(study)
@@ -46,6 +49,21 @@ def sweep(cfg: SweepConfig):
 
     write_sweep_report(study, cfg, base, metric, out)
     return study
+
+
+def check_sweep_out(cfg: SweepConfig, base: FinetuneConfig) -> None:
+    """The sweep writes these files and trial-NNN folders into --out: none of them may be an input."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise LmtuneError(f"--out {out} is a file: give a folder for the sweep")
+    inputs = files.local_inputs(data=base.data, eval_data=base.eval_data, model=base.model,
+                                config=getattr(cfg, "_config_file", ""))
+    names = ("study.db", "best.yaml", "trials.csv", "report.html", "history.png", "importance.png", "best")
+    files.check_outputs([("--out", out / n) for n in names], inputs)
+    for flag, path in inputs:
+        if path.is_relative_to(out.resolve()) and path.relative_to(out.resolve()).parts[0].startswith("trial"):
+            raise LmtuneError(f"{flag} {path} lies inside a trial folder of --out {out}, which trials replace: "
+                              "move it out of the sweep folder")
 
 
 def check_sweep(cfg: SweepConfig) -> tuple[FinetuneConfig, dict, str, str]:

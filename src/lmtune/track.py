@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from lmtune import files
+
 _NOTED: set[str] = set()  # one-time notes (a missing optional package) already printed
 
 
@@ -27,18 +29,18 @@ class MetricsLog:
     """Append-only metrics.jsonl. On resume, lines past the checkpoint's step are dropped first."""
 
     def __init__(self, out: Path, resume_step: int | None = None):
-        Path(out).mkdir(parents=True, exist_ok=True)
         self.path = Path(out) / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        with files.writing(str(self.path)):
+            Path(out).mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.exists():
+                kept = [r for r in read_metrics(out) if r.get("step", 0) <= resume_step]
+                files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            elif self.path.exists():
+                self.path.unlink()
         self.sinks = [s for s in (_tensorboard(Path(out), resume_step), *_report_to(Path(out))) if s]
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
+        with files.writing(str(self.path)), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         scalars = {k: float(v) for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -65,7 +67,10 @@ def _tensorboard(out: Path, resume_step: int | None):
 def _report_to(out: Path) -> list:
     """Sinks for the trackers that run.json's config asks for (report_to: wandb, mlflow)."""
     info = out / "run.json"
-    cfg = json.loads(info.read_text()).get("config", {}) if info.is_file() else {}
+    try:
+        cfg = json.loads(info.read_text()).get("config", {}) if info.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        cfg = {}
     sinks = []
     for name in [t.strip() for t in str(cfg.get("report_to") or "").split(",") if t.strip()]:
         try:
@@ -86,8 +91,28 @@ def _report_to(out: Path) -> list:
 
 
 def read_metrics(out: Path) -> list[dict]:
+    """The records of metrics.jsonl. A torn final line (a run killed while writing it) is dropped with a
+    warning, as is any other line that is not a JSON object (named by its number)."""
     p = Path(out) / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    if not p.exists():
+        return []
+    lines = files.read_text(p).splitlines()
+    rows, bad = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step", 0), (int, float)):
+            rows.append(row)
+        else:
+            bad.append(n)
+    if bad:
+        what = "its torn final line" if bad == [len(lines)] else f"line(s) {', '.join(map(str, bad[:5]))}"
+        print(f"warning: {p}: {what} is not a JSON record and was dropped", file=sys.stderr)
+    return rows
 
 
 def write_run_info(out: Path, verb: str, cfg: dict, extra: dict) -> None:
@@ -104,7 +129,7 @@ def write_run_info(out: Path, verb: str, cfg: dict, extra: dict) -> None:
             "cpu_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "data_sha256": data_hashes(cfg), "packages": package_versions(), "hardware": hardware(), **extra}
-    (Path(out) / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    files.write_text(Path(out) / "run.json", json.dumps(info, indent=2, default=str) + "\n")
 
 
 def data_hashes(cfg: dict) -> dict:
@@ -171,6 +196,11 @@ def plot_loss(out: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = Path(out) / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = path.with_name(".loss.tmp.png")
+    try:
+        with files.writing(str(path), tmp):
+            fig.savefig(tmp, dpi=100)
+            os.replace(tmp, path)
+    finally:
+        plt.close(fig)
     return path

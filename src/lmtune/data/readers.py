@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from lmtune.errors import LmtuneError
+from lmtune.files import not_utf8
 
 
 def _check_file(path: str) -> Path:
@@ -27,9 +28,10 @@ def _check_file(path: str) -> Path:
 
 
 def _open_text(p: Path):
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first field
     if p.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8")
-    return open(p, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8-sig", newline="")
+    return open(p, encoding="utf-8-sig", newline="")
 
 
 def _suffix(p: Path) -> str:
@@ -42,8 +44,10 @@ def read_text(path: str) -> str:
     try:
         with _open_text(p) as f:
             text = f.read()
-    except UnicodeDecodeError as e:
-        raise LmtuneError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except (OSError, EOFError) as e:  # a damaged .gz
+        raise LmtuneError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
     if not text.strip():
         raise LmtuneError(f"data file {path} holds only whitespace")
     return text
@@ -53,16 +57,21 @@ def read_records(path: str) -> list[dict]:
     """Rows of a JSON/JSONL/CSV/TSV/Parquet file, each a dict; `_line` holds its line (or index)."""
     p = _check_file(path)
     kind = _suffix(p)
-    if kind == ".jsonl":
-        rows = _read_jsonl(p, path)
-    elif kind == ".json":
-        rows = _read_json(p, path)
-    elif kind in (".csv", ".tsv"):
-        rows = _read_delimited(p, path, "\t" if kind == ".tsv" else ",")
-    elif kind == ".parquet":
-        rows = _read_parquet(p, path)
-    else:
-        raise LmtuneError(f"{path}: unknown data format '{kind}': use .json, .jsonl, .csv, .tsv or .parquet")
+    try:  # the decoding boundary of every text format
+        if kind == ".jsonl":
+            rows = _read_jsonl(p, path)
+        elif kind == ".json":
+            rows = _read_json(p, path)
+        elif kind in (".csv", ".tsv"):
+            rows = _read_delimited(p, path, "\t" if kind == ".tsv" else ",")
+        elif kind == ".parquet":
+            rows = _read_parquet(p, path)
+        else:
+            raise LmtuneError(f"{path}: unknown data format '{kind}': use .json, .jsonl, .csv, .tsv or .parquet")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except (OSError, EOFError) as e:  # a damaged .gz
+        raise LmtuneError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
     if not rows:
         raise LmtuneError(f"data file {path} holds no records")
     return rows
@@ -79,6 +88,8 @@ def _read_jsonl(p: Path, path: str) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise LmtuneError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
                                   "each line must be one JSON object") from None
+            except RecursionError:
+                raise LmtuneError(f"{path}:{n}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise LmtuneError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             row["_line"] = n
@@ -92,6 +103,8 @@ def _read_json(p: Path, path: str) -> list[dict]:
             data = json.load(f)
         except json.JSONDecodeError as e:
             raise LmtuneError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise LmtuneError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -107,13 +120,21 @@ def _read_delimited(p: Path, path: str, delimiter: str) -> list[dict]:
     with _open_text(p) as f:
         reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
         rows = []
-        for row in reader:
-            if None in row:
-                raise LmtuneError(f"{path}:{reader.line_num}: more fields than the header has "
-                                  f"({len(reader.fieldnames)})")
-            row = dict(row)
-            row["_line"] = reader.line_num
-            rows.append(row)
+        try:
+            for row in reader:
+                if None in row:
+                    raise LmtuneError(f"{path}:{reader.line_num}: more fields than the header has "
+                                      f"({len(reader.fieldnames)})")
+                missing = [k for k, v in row.items() if v is None]
+                if missing:
+                    raise LmtuneError(f"{path}:{reader.line_num}: fewer fields than the header has (no "
+                                      f"{', '.join(repr(k) for k in missing[:3])})")
+                row = dict(row)
+                row["_line"] = reader.line_num
+                rows.append(row)
+        except csv.Error as e:  # a NUL byte, a field over the csv module's size limit, a stray quote
+            raise LmtuneError(f"{path}:{reader.line_num}: not readable as {'TSV' if delimiter == chr(9) else 'CSV'} "
+                              f"({e})") from None
     return rows
 
 

@@ -50,18 +50,34 @@ def load_templates(path: str) -> dict:
         raise LmtuneError(f"--templates {path}: file not found")
     import yaml
 
+    from lmtune.files import read_text
+
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(read_text(p, "--templates"))
     except yaml.YAMLError as e:
         raise LmtuneError(f"--templates {path}: not valid YAML/JSON ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict) or not data:
         raise LmtuneError(f"--templates {path}: must map each attribute to {{values: [...], templates: [...]}}")
+    strings = lambda v: isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v)  # noqa: E731
     for attr, spec in data.items():
         if not isinstance(spec, dict) or not spec.get("values") or not spec.get("templates"):
             raise LmtuneError(f"--templates {path}: attribute '{attr}' needs 'values' and 'templates'")
-        bad = [t for t in spec["templates"] if "{}" not in t]
-        if bad:
-            raise LmtuneError(f"--templates {path}: template '{bad[0]}' of '{attr}' has no {{}} to fill")
+        values = spec["values"]
+        groups = list(values.values()) if isinstance(values, dict) else [values]
+        if not all(strings(g) for g in groups) or (len(groups) < 2 if isinstance(values, dict) else len(values) < 2):
+            raise LmtuneError(f"--templates {path}: 'values' of '{attr}' must be a list of at least two strings, "
+                              "or a mapping of group: [strings]")
+        for key in ("templates", "continuations"):
+            if key in spec and not strings(spec[key]):
+                raise LmtuneError(f"--templates {path}: '{key}' of '{attr}' must be a list of non-empty strings")
+        for t in spec["templates"]:
+            try:
+                ok = t.count("{}") == 1 and t.format("x") is not None
+            except (IndexError, KeyError, ValueError):
+                ok = False
+            if not ok:
+                what = "has no {} to fill" if "{}" not in t else "must hold exactly one {} to fill, and no other braces"
+                raise LmtuneError(f"--templates {path}: template '{t}' of '{attr}' {what}")
     return data
 
 

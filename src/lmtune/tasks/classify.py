@@ -11,7 +11,7 @@ from __future__ import annotations
 from lmtune import metrics
 from lmtune.data.readers import read_records, where
 from lmtune.errors import LmtuneError
-from lmtune.tasks.common import collate_inputs, limit_rows, require_columns
+from lmtune.tasks.common import collate_inputs, limit_rows, require_columns, text_field
 
 HEAD = "seq_cls"
 METRIC = "accuracy"
@@ -25,8 +25,9 @@ def read(path: str, cfg, targets: bool = True) -> list[dict]:
         cols[cfg.label_column] = "--label-column"
     require_columns(rows, path, cols)
     for r in rows:
+        text_field(r, cfg.text_column, path)
         if targets:
-            r[cfg.label_column] = str(r[cfg.label_column]).strip()
+            r[cfg.label_column] = text_field(r, cfg.label_column, path, label=True).strip()
     return rows
 
 

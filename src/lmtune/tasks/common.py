@@ -17,6 +17,23 @@ def require_columns(rows: list[dict], path: str, columns: dict[str, str]) -> Non
                                   f"name the right one with {flag}")
 
 
+def text_field(row: dict, col: str, path: str, *, empty_ok: bool = False, label: bool = False) -> str:
+    """Field `col` of a record as text: a string or a number (a label may also be true/false), never a
+    list, a mapping or null, and not empty unless `empty_ok` (an empty label would be a class of its own)."""
+    import math
+
+    value = row.get(col)
+    scalar = isinstance(value, (str, int, float)) and (label or not isinstance(value, bool))
+    if not scalar or (isinstance(value, float) and not math.isfinite(value)):
+        raise LmtuneError(f"{where(path, row)}: field '{col}' must be {'a label' if label else 'text'} (a string"
+                          f"{' or number' if label else ''}), got {value!r:.60}")
+    text = str(value)
+    if not empty_ok and not text.strip():
+        raise LmtuneError(f"{where(path, row)}: field '{col}' is empty: give every record "
+                          f"{'a label' if label else 'some text'} (or remove the record)")
+    return text
+
+
 def limit_rows(rows: list[dict], limit: int) -> list[dict]:
     return rows[:limit] if limit else rows
 

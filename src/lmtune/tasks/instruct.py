@@ -25,32 +25,77 @@ METRICS = ()  # validation during training: the loss only (generating every resp
 FORMATS = "'instruction'+'output' (Alpaca), 'prompt'+'completion', or 'messages'"
 
 
-def to_messages(row: dict, path: str) -> list[dict]:
-    """The row as a chat: a list of {role, content}, ending with the assistant's answer."""
+ROLES = ("system", "user", "assistant")
+
+
+def _content(value, where_: str, i: int) -> str:
+    """A message's content: a string, or a list of {type: text, text} parts (as the chat API sends)."""
+    if isinstance(value, str):
+        return value
+    parts_ok = all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in value) if isinstance(value, list) else False
+    if parts_ok:
+        return "".join(p["text"] for p in value)
+    raise LmtuneError(f"{where_}: message {i + 1}: 'content' must be a string or a list of "
+                      f"{{type: text, text}} parts, got {value!r:.60}")
+
+
+def _text(row: dict, key: str, where_: str, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None and not required:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise LmtuneError(f"{where_}: field '{key}' must be text, got {value!r:.60}")
+    return str(value)
+
+
+def to_messages(row: dict, path: str, targets: bool = True) -> list[dict]:
+    """The row as a chat: a list of {role, content}, ending with the assistant's answer (with `targets`
+    False, for prediction, the answer may be missing: the chat then ends with the user's turn)."""
+    at = where(path, row)
     if "messages" in row:
         msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise LmtuneError(f"{where(path, row)}: 'messages' must be a non-empty list of {{role, content}}")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise LmtuneError(f"{where(path, row)}: 'messages' has no assistant turn to learn from")
-        return [{"role": m["role"], "content": str(m["content"])} for m in msgs]
-    if "instruction" in row and "output" in row:
-        user = str(row["instruction"])
-        if row.get("input"):
-            user = f"{user}\n\n{row['input']}"
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": str(row["output"])}]
-    if "prompt" in row and "completion" in row:
-        return [{"role": "user", "content": str(row["prompt"])},
-                {"role": "assistant", "content": str(row["completion"])}]
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            raise LmtuneError(f"{at}: 'messages' must be a non-empty list of {{role, content}}")
+        out = []
+        for i, m in enumerate(msgs):
+            if m.get("role") not in ROLES or "content" not in m:
+                raise LmtuneError(f"{at}: message {i + 1} must have a role ({', '.join(ROLES)}) and a content; "
+                                  f"got role {m.get('role')!r}")
+            out.append({"role": m["role"], "content": _content(m["content"], at, i)})
+        if targets and not any(m["role"] == "assistant" for m in out):
+            raise LmtuneError(f"{at}: 'messages' has no assistant turn to learn from")
+        if targets and any(m["role"] == "assistant" and not m["content"].strip() for m in out):
+            raise LmtuneError(f"{at}: 'messages' has an empty assistant turn: nothing to learn from it")
+        return out
+    pairs = (("instruction", "output"), ("prompt", "completion"))
+    for ask, answer in pairs:
+        if ask in row and (answer in row or not targets):
+            user = _text(row, ask, at)
+            if ask == "instruction" and row.get("input") not in (None, ""):
+                user = f"{user}\n\n{_text(row, 'input', at)}"
+            if not user.strip():
+                raise LmtuneError(f"{at}: field '{ask}' is empty")
+            msgs = [{"role": "user", "content": user}]
+            if answer in row:
+                reply = _text(row, answer, at)
+                if targets and not reply.strip():
+                    raise LmtuneError(f"{at}: field '{answer}' is empty: nothing to learn from this record")
+                msgs.append({"role": "assistant", "content": reply})
+            return msgs
     fields = ", ".join(k for k in row if k != "_line") or "none"
-    raise LmtuneError(f"{where(path, row)}: record has fields [{fields}]; instruct data needs {FORMATS}")
+    raise LmtuneError(f"{at}: record has fields [{fields}]; instruct data needs {FORMATS}")
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """Messages as text: the tokenizer's chat template, or a plain Alpaca-style layout without one."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - jinja2's TemplateError, or the template's own raise_exception
+            roles = ", ".join(m["role"] for m in messages)
+            raise LmtuneError(f"the model's chat template refuses this conversation (roles {roles}): "
+                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
     parts = []
     for m in messages:
         if m["role"] == "assistant":
@@ -153,7 +198,10 @@ def score(predictions: list[str], references: list[str]) -> dict:
 def read(path: str, cfg, targets: bool = True) -> list[dict]:
     limit = getattr(cfg, "limit", 0)
     rows = read_records(path)
-    return rows[:limit] if limit else rows
+    rows = rows[:limit] if limit else rows
+    for row in rows:  # every record checked now, before a model is loaded or a folder made
+        to_messages(row, path, targets)
+    return rows
 
 
 def load(name: str, cfg, train_rows: list[dict] | None = None):
@@ -176,16 +224,19 @@ def collate(tokenizer, meta: dict):
     return partial(batching.collate, pad_id=tokenizer.pad_token_id)
 
 
-def _ask_and_expect(row: dict, path: str) -> tuple[str, str]:
-    """The last user turn and the answer expected after it (for scoring)."""
-    msgs = to_messages(row, path)
+def _ask_and_expect(row: dict, path: str, targets: bool = True) -> tuple[str, str]:
+    """The last user turn and the answer expected after it (for scoring; '' when predicting without one)."""
+    msgs = to_messages(row, path, targets)
+    if not any(m["role"] == "assistant" for m in msgs):
+        user = [m["content"] for m in msgs if m["role"] == "user"]
+        return (user[-1] if user else ""), ""
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     user = [m["content"] for m in msgs[:last] if m["role"] == "user"]
     return (user[-1] if user else ""), msgs[last]["content"]
 
 
 def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
-    prompts = [_ask_and_expect(r, getattr(cfg, "data", ""))[0] for r in rows]
+    prompts = [_ask_and_expect(r, getattr(cfg, "data", ""), targets=False)[0] for r in rows]
     answers = respond(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
     return [{"response": a} for a in answers]
 

@@ -18,7 +18,8 @@ import sys
 from lmtune import metrics
 from lmtune.data.readers import read_records, where
 from lmtune.errors import LmtuneError
-from lmtune.tasks.common import chat_examples, collate_inputs, generate_answers, limit_rows, require_columns
+from lmtune.tasks.common import (chat_examples, collate_inputs, generate_answers, limit_rows, require_columns,
+                                 text_field)
 
 METRIC = "f1"
 METRICS = ("f1", "exact_match")
@@ -30,9 +31,13 @@ def read(path: str, cfg, targets: bool = True) -> list[dict]:
     """Rows {id, context, question, answers: [text], starts: [int or None]}; bad answer offsets skipped."""
     records = read_records(path)
     if records and "paragraphs" in records[0]:  # SQuAD JSON: articles -> paragraphs -> questions
-        records = [{"id": q.get("id", ""), "context": p["context"], "question": q["question"],
-                    "answers": q.get("answers", []), "_line": f"article {a}"}
-                   for a, art in enumerate(records) for p in art["paragraphs"] for q in p["qas"]]
+        try:
+            records = [{"id": q.get("id", ""), "context": p["context"], "question": q["question"],
+                        "answers": q.get("answers", []), "_line": f"article {a}"}
+                       for a, art in enumerate(records) for p in art["paragraphs"] for q in p["qas"]]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise LmtuneError(f"{path}: not SQuAD JSON (articles of paragraphs of {{context, qas: [{{question, "
+                              f"answers}}]}}): {type(e).__name__} {e}") from None
         ctx_col, q_col = "context", "question"
     else:
         ctx_col, q_col = cfg.context_column, cfg.question_column
@@ -41,7 +46,10 @@ def read(path: str, cfg, targets: bool = True) -> list[dict]:
     rows, skipped = [], 0
     for r in records:
         texts, starts = _answers(r.get("answers"), path, r)
-        ctx = str(r[ctx_col])
+        ctx, _ = text_field(r, ctx_col, path, empty_ok=True), text_field(r, q_col, path)
+        if any(s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0) for s in starts) or \
+                len(starts) != len(texts):
+            raise LmtuneError(f"{where(path, r)}: answer_start must be a whole number >= 0, one per answer text")
         if texts and starts[0] is not None and ctx[starts[0]:starts[0] + len(texts[0])] != texts[0]:
             skipped += 1
             continue

@@ -13,7 +13,8 @@ import re
 from lmtune import metrics
 from lmtune.data.readers import read_records, read_text
 from lmtune.errors import LmtuneError
-from lmtune.tasks.common import chat_examples, collate_inputs, generate_answers, limit_rows, pad_field, require_columns
+from lmtune.tasks.common import (chat_examples, collate_inputs, generate_answers, limit_rows, pad_field,
+                                 require_columns, text_field)
 
 METRIC = "bleu"
 METRICS = ("bleu", "chrf")
@@ -30,13 +31,18 @@ def read(path: str, cfg, targets: bool = True) -> list[dict]:
             raise LmtuneError(f"translation files differ in length: {files[0]} has {len(src)} lines, "
                               f"{files[1]} has {len(tgt)}; they must be line-aligned")
         rows = [{"source": s, "target": t, "_line": i + 1} for i, (s, t) in enumerate(zip(src, tgt))]
+        for r in rows:
+            text_field(r, "source", files[0])
+            if targets:
+                text_field(r, "target", files[1])
     elif len(files) == 1:
         rows = read_records(path)
         cols = {cfg.source_column: "--source-column"}
         if targets:
             cols[cfg.target_column] = "--target-column"
         require_columns(rows, path, cols)
-        rows = [{"source": str(r[cfg.source_column]), "target": str(r.get(cfg.target_column, "")),
+        rows = [{"source": text_field(r, cfg.source_column, path),
+                 "target": text_field(r, cfg.target_column, path) if targets else str(r.get(cfg.target_column, "")),
                  "_line": r["_line"]} for r in rows]
     else:
         raise LmtuneError(f"--data {path}: give one data file, or SRC_FILE,TGT_FILE (two line-aligned files)")

@@ -24,14 +24,19 @@ from lmtune.data.batching import count_targets
 from lmtune.errors import LmtuneError
 from lmtune.track import MetricsLog
 from lmtune.train import distributed
-from lmtune.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lmtune.train.checkpoint import list_checkpoints, resume_latest, save_checkpoint
 from lmtune.train.optim import build_optimizer, build_scheduler
 
 
 class Interrupted(LmtuneError):
-    """Ctrl-C or SIGTERM: the run saved a checkpoint and stopped."""
+    """Ctrl-C or SIGTERM: the run saved a checkpoint (or has an earlier one) and stopped. The exit code is
+    the shell's for the signal: 130 for SIGINT (Ctrl-C), 143 for SIGTERM."""
 
     exit_code = 130
+
+    def __init__(self, message: str, signal_name: str = "SIGINT"):
+        super().__init__(message)
+        self.exit_code = 143 if signal_name == "SIGTERM" else 130
 
 
 def micro_batch(n_examples: int, batch_size: int, seed: int, index: int,
@@ -142,10 +147,11 @@ class _NoLog:
 
 
 class _StopFlag:
-    """Turns the first SIGINT/SIGTERM into a request to stop after the current step."""
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second Ctrl-C
+    stops at once, and leaves as `on_abort()` (an Interrupted naming the last checkpoint)."""
 
-    def __init__(self):
-        self.signal = None
+    def __init__(self, on_abort: Callable | None = None, on_error: Callable | None = None):
+        self.signal, self.on_abort, self.on_error = None, on_abort, on_error
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -162,9 +168,13 @@ class _StopFlag:
         if distributed.world().is_main:  # torchrun signals every rank: say it once
             print(f"\n{self.signal}: finishing this step, then saving a checkpoint...", file=sys.stderr)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for s, h in self.previous.items():
             signal.signal(s, h)
+        if exc_type is KeyboardInterrupt and self.on_abort:
+            raise self.on_abort() from None
+        if exc_type is not None and self.on_error:
+            self.on_error()  # e.g. end the progress bar's line, so an error message starts a line of its own
 
 
 def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_fn: Callable,
@@ -197,12 +207,12 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
 
     start = 0
     if cfg.resume and list_checkpoints(out):
-        state = load_checkpoint(list_checkpoints(out)[-1], model, optimizer, scheduler)
+        state, path = resume_latest(out, model, optimizer, scheduler)
         start = state["step"]
         if plan and "planned_steps" in state.get("extra", {}):  # --budget: continue to the end it planned
             plan.fixed = steps = plan.total = state["extra"]["planned_steps"]
         if w.is_main:
-            print(f"resuming from step {start} ({list_checkpoints(out)[-1]})", file=sys.stderr)
+            print(f"resuming from step {start} ({path})", file=sys.stderr)
     log = MetricsLog(out, resume_step=start if cfg.resume else None) if w.is_main else _NoLog()
 
     model.train()
@@ -212,7 +222,15 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
     lengths = example_lengths(examples, cfg)
     t_start, tokens_seen, bad_in_a_row = time.perf_counter(), 0, 0
     best, evals_since_best = None, 0  # not restored on --resume: the first validation sets it again
-    with _StopFlag() as stop:
+    resume_with = f"{resume_command or 'the same command'} --resume"
+
+    def aborted() -> Interrupted:
+        bar.close()
+        good = list_checkpoints(out)
+        return Interrupted(f"stopped by a second Ctrl-C; the last checkpoint is {good[-1].name}. Resume with: "
+                           f"{resume_with}" if good else "stopped by a second Ctrl-C; no checkpoint was written yet")
+
+    with _StopFlag(aborted, bar.close) as stop:
         for step in itertools.count(start):  # to `steps`, which a --budget plan may move as it learns
             if step >= steps:
                 break
@@ -313,7 +331,7 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
             if stopping and not done:
                 bar.close()
                 raise Interrupted(f"stopped by {stop.signal or 'SIGTERM'} after step {step + 1} of {steps}; "
-                                  f"checkpoint saved. Resume with: {resume_command or 'the same command'} --resume")
+                                  f"checkpoint saved. Resume with: {resume_with}", stop.signal or "SIGTERM")
             if done:  # the last step, or stopped early
                 break
     bar.close()
