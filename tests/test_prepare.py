@@ -62,7 +62,7 @@ def test_pretrain_with_the_gpt2_folder_trains_on_its_ids(tmp_path, shakespeare_s
     assert len(load_tokenizer_path(str(out / "tokenizer"))) == 50257
 
 
-def test_parquet_folder_and_gz_glob_prepare_like_their_concatenation(tmp_path):
+def test_parquet_folder_saved_dataset_and_gz_glob_prepare_like_their_concatenation(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -80,6 +80,10 @@ def test_parquet_folder_and_gz_glob_prepare_like_their_concatenation(tmp_path):
     for i in range(3):
         pq.write_table(pa.table({"body": paragraphs[i::3], "n": list(range(len(paragraphs[i::3])))}),
                        tmp_path / "pq" / f"part-{i}.parquet")
+    import datasets
+
+    datasets.Dataset.from_list([{"body": p} for i in range(3) for p in paragraphs[i::3]]).save_to_disk(
+        str(tmp_path / "saved"))
     with open(tmp_path / "all.jsonl", "w") as f:
         for i in range(3):
             for p in paragraphs[i::3]:
@@ -91,9 +95,11 @@ def test_parquet_folder_and_gz_glob_prepare_like_their_concatenation(tmp_path):
         m = shards.load(tmp_path / name)
         return m, _tokens(tmp_path / name), _tokens(tmp_path / name, "val")
 
-    for a, b, column in ((str(tmp_path / "parts" / "*.txt.gz"), str(tmp_path / "all.txt"), "text"),
-                         (str(tmp_path / "pq"), str(tmp_path / "all.jsonl"), "body")):
-        (ma, ta, va), (mb, tb, vb) = prep(a, "a" + column, column), prep(b, "b" + column, column)
+    cases = [(str(tmp_path / "parts" / "*.txt.gz"), str(tmp_path / "all.txt"), "text"),
+             (str(tmp_path / "pq"), str(tmp_path / "all.jsonl"), "body"),
+             (str(tmp_path / "saved"), str(tmp_path / "all.jsonl"), "body")]
+    for k, (a, b, column) in enumerate(cases):
+        (ma, ta, va), (mb, tb, vb) = prep(a, f"a{k}", column), prep(b, f"b{k}", column)
         assert ma["train_tokens"] == mb["train_tokens"] > 5000 and ma["val_documents"] == mb["val_documents"] > 0
         assert np.array_equal(ta, tb) and np.array_equal(va, vb)
     # records end with the end-of-text token; the same text read as text has none

@@ -77,10 +77,12 @@ def rank_batch(n_examples: int, cfg, index: int, w: distributed.World,
 
 def example_lengths(examples, cfg) -> tuple[int, ...] | None:
     """Token counts to group batches by; None when grouping is off or pointless (packed or equal rows).
-    A dataset object that is not a list (pretraining's TokenBlocks) says so itself in `.lengths`."""
+    A sequence that is not a list (TokenBlocks, EncodedColumns) gives its own in `.lengths`."""
+    if not getattr(cfg, "group_by_length", False) or not len(examples):
+        return None
     if not isinstance(examples, list):
         return examples.lengths
-    if not getattr(cfg, "group_by_length", False) or not examples or "position_ids" in examples[0]:
+    if "position_ids" in examples[0]:
         return None
     lengths = tuple(len(e["input_ids"]) for e in examples)
     return None if min(lengths) == max(lengths) else lengths
