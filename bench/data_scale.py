@@ -6,8 +6,8 @@
 
 Corpora: tinyshakespeare and wikitext2 (../shared/data) repeated into a temporary folder (never the repo)
 until the size is reached. For each corpus, each contender runs in its own process, one after the other, so
-its peak resident memory (VmHWM) is its own; a contender with worker processes also reports its largest
-worker's peak (RUSAGE_CHILDREN):
+its peak resident memory (VmHWM, "peak MB") is its own; "tree MB" is the peak of the summed resident memory
+of the contender and its worker processes (sampled every 0.1 s):
 
   lmtune prepare         lmtune.prepare (2 worker processes, 16 MB shards, uint16/uint32 .bin + manifest)
   datasets.map           HF datasets: load_dataset("text") + map(tokenize, batched=True, num_proc=2) +
@@ -59,11 +59,32 @@ def build_corpus(folder: Path, megabytes: int) -> Path:
 
 
 def peaks() -> dict:
-    import resource
-
     from lmtune.train.loop import peak_memory_mb
 
-    return {"peak_mb": peak_memory_mb(), "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return {"peak_mb": peak_memory_mb()}
+
+
+def run_watched(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd`; also the peak of the summed resident memory of it and all its children (worker
+    processes), sampled every 0.1 s. (RUSAGE_CHILDREN would count, for a child started by fork+exec, the
+    parent's pages at the fork.)"""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    root, peak = psutil.Process(proc.pid), 0.0
+    import threading
+
+    out: dict = {}
+    reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), proc.communicate())))
+    reader.start()
+    while reader.is_alive():
+        try:
+            procs = [root] + root.children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20)
+        except psutil.Error:
+            pass
+        reader.join(0.1)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out.get("stdout", ""), out.get("stderr", "")), peak
 
 
 def tokenizer_folder(spec: str) -> str:
@@ -81,6 +102,10 @@ def run_one(name: str, corpus: Path, work: Path, tok: str, steps: int) -> dict:
         from lmtune.data.shards import load
         from lmtune.prepare import prepare
 
+        import shutil
+
+        shutil.rmtree(prepared, ignore_errors=True)  # a finished prepare would be reused, not measured
+        t0 = time.perf_counter()
         prepare(PrepareConfig(data=str(corpus), out=str(prepared), tokenizer=tok, workers=2))
         m = load(prepared, verify=False)
         tokens = m["train_tokens"] + m["val_tokens"]
@@ -127,7 +152,7 @@ def run_one(name: str, corpus: Path, work: Path, tok: str, steps: int) -> dict:
 
         cfg = PretrainConfig(data=str(prepared), out=str(work / name.replace(" ", "_")), model_size="1m",
                              max_length=256, batch_size=8, max_steps=steps, val_max_blocks=8, warmup_steps=2,
-                             save_every=10_000, threads=int(os.environ.get("BENCH_THREADS", "0")))
+                             save_every=10_000, overwrite=True, threads=int(os.environ.get("BENCH_THREADS", "0")))
         if name == "pretrain (shards)":
             from lmtune.pretrain import pretrain
 
@@ -192,7 +217,7 @@ def main() -> None:
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     print(f"# workdir {base}; tokenizer {args.tokenizer}; {args.steps} pretraining steps", flush=True)
     print(f"{'MB':>5} {'contender':<22} {'wall s':>8} {'MB/s':>7} {'tokens/s':>10} {'peak MB':>8} "
-          f"{'worker MB':>9} {'tokens':>11}", flush=True)
+          f"{'tree MB':>8} {'tokens':>11}", flush=True)
     for mb in sizes:
         corpus = build_corpus(base, mb)
         for name in only:
@@ -200,15 +225,15 @@ def main() -> None:
                 continue
             work = base / f"{mb}mb"
             work.mkdir(exist_ok=True)
-            proc = subprocess.run([sys.executable, __file__, "--tokenizer", args.tokenizer, "--steps", str(args.steps),
-                                   "--run", name, str(corpus), str(work)], capture_output=True, text=True, env=env)
+            proc, tree_mb = run_watched([sys.executable, __file__, "--tokenizer", args.tokenizer, "--steps",
+                                         str(args.steps), "--run", name, str(corpus), str(work)], env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 print(f"{mb:>5} {name:<22} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:150]}", flush=True)
                 continue
             r = json.loads(line[7:])
             print(f"{mb:>5} {name:<22} {r['wall_s']:>8.1f} {r.get('mb_per_s', float('nan')):>7.2f} "
-                  f"{r['tokens_per_s']:>10.0f} {r['peak_mb']:>8.0f} {r['worker_peak_mb']:>9.0f} {r['tokens']:>11}",
+                  f"{r['tokens_per_s']:>10.0f} {r['peak_mb']:>8.0f} {tree_mb:>8.0f} {r['tokens']:>11}",
                   flush=True)
 
 
