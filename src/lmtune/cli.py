@@ -24,6 +24,7 @@ from lmtune.train import budget
 # verb -> (config class, "module:function", one-line summary)
 VERBS = {
     "pretrain": (C.PretrainConfig, "lmtune.pretrain:pretrain", "Train a tokenizer and a causal LM from scratch on text."),
+    "prepare": (C.PrepareConfig, "lmtune.prepare:prepare", "Tokenize a corpus once into token shards for pretrain."),
     "finetune": (C.FinetuneConfig, "lmtune.finetune:finetune", "Fine-tune a pretrained model on a task (full or LoRA)."),
     "evaluate": (C.EvaluateConfig, "lmtune.evaluate:evaluate", "Score a model on a task's data (metrics table or --json)."),
     "predict": (C.PredictConfig, "lmtune.predict:predict", "Run a model over a data file; write one JSONL row per input."),

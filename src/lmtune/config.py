@@ -107,6 +107,11 @@ class TaskOptions:
     doc_stride: int = opt(128, "qa, encoder models: tokens shared by consecutive windows of a long context.", min=0)
     stride: int = opt(0, "lm: tokens the perplexity window moves each step (0: half of --max-length).", min=0)
     max_new_tokens: int = opt(64, "translate/qa with generating models: most tokens to generate.", min=1)
+    messages_column: str = opt("", "instruct: field holding a chat (default: 'messages', or ShareGPT's "
+                               "'conversations' of {from, value}).")
+    role_map: str = opt("human=user,gpt=assistant", "instruct, ShareGPT data: speaker names -> roles, added to "
+                        "the defaults human=user, gpt=assistant, system=system (e.g. bot=assistant).")
+    chat_template: str = opt("", "instruct: Jinja chat template file, for a base model whose tokenizer has none.")
 
 
 @dataclass
@@ -144,6 +149,34 @@ class PretrainConfig(TrainConfig):
     val_split: float = opt(0.1, "Fraction of the text (its end) held back for validation.", min=0.0, max=0.5)
     warmup_steps: int = opt(20, "Steps of linear warmup from 0 to --learning-rate.", min=0)
     weight_decay: float = opt(0.1, "Weight decay (decoupled for adamw).", min=0.0)
+    text_column: str = opt("text", "JSONL/Parquet/datasets data: the column holding the text.")
+    tokenizer_sample_mb: float = opt(32.0, "MB of text (from the start of the corpus) a bpe/char tokenizer is "
+                                     "trained on.", min=0.01)
+    workers: int = opt(2, "Processes that tokenize raw text into the prepared-shard cache ($LMTUNE_CACHE/tokens).",
+                       min=1)
+    val_max_blocks: int = opt(0, "Validate on at most this many blocks, evenly spread (0: all).", min=0)
+
+
+@dataclass
+class PrepareConfig:
+    """`lmtune prepare`: tokenize a corpus once into memory-mappable token shards that `pretrain --data DIR` reads.
+
+    --data takes text files (plain or .gz), globs, folders, JSONL/JSON/CSV/Parquet files (--text-column),
+    folders written by datasets.save_to_disk, and hf:ORG/NAME[:CONFIG][@SPLIT] (online); comma-separated
+    for several. A killed prepare, run again with the same command, continues where it stopped."""
+
+    data: str = opt("", "Text: files, globs, folders, JSONL/Parquet, a save_to_disk folder or hf:ORG/NAME.",
+                    required=True)
+    out: str = opt("", "Output folder: manifest.json, tokenizer/, train-*.bin and val-*.bin shards.", required=True)
+    tokenizer: str = opt("bpe", "'bpe' or 'char' (trained on a sample), a tokenizer folder, or a model alias.")
+    vocab_size: int = opt(4096, "Vocabulary size when training a BPE tokenizer.", min=260)
+    tokenizer_sample_mb: float = opt(32.0, "MB of text (from the start of the corpus) a bpe/char tokenizer is "
+                                     "trained on.", min=0.01)
+    text_column: str = opt("text", "JSONL/Parquet/datasets data: the column holding the text.")
+    val_split: float = opt(0.1, "Share of documents held out for validation (chosen by document index).",
+                           min=0.0, max=0.5)
+    workers: int = opt(2, "Tokenizing worker processes (1: in this process).", min=1)
+    shard_mb: float = opt(16.0, "MB of text per shard (one worker's unit of work).", min=0.001)
 
 
 @dataclass

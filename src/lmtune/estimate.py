@@ -154,11 +154,14 @@ class _CharVocab:  # stands in for a char tokenizer: build_from_preset only need
 
 
 def _pretrain_tokenizer(run):
-    from lmtune.data.readers import read_text
+    from lmtune.data import shards, sources
     from lmtune.pretrain import load_tokenizer_path
 
-    if run.tokenizer == "char":
-        return _CharVocab(len(set(read_text(run.data))) + 1)
+    if shards.read_manifest(Path(run.data)) is not None:  # a prepared folder brings its tokenizer
+        return load_tokenizer_path(str(Path(run.data) / "tokenizer"))
+    if run.tokenizer == "char":  # the characters of the sample the tokenizer is trained on
+        docs = sources.documents(sources.expand(run.data), run.text_column)
+        return _CharVocab(len(set(shards.sample_text(docs, run.val_split, run.tokenizer_sample_mb))) + 1)
     if run.tokenizer == "bpe":
         return _CharVocab(run.vocab_size)
     return load_tokenizer_path(run.tokenizer)
@@ -193,9 +196,11 @@ def _example_lengths(run) -> list[tuple[int, int]]:
     from lmtune import models
 
     if not hasattr(run, "model"):  # pretrain: full blocks
-        from lmtune.data.readers import read_text
+        from lmtune.data import shards, sources
 
-        n = max(1, len(read_text(run.data)) // (run.max_length * 3))  # ~3 characters a token; only for the count
+        m = shards.read_manifest(Path(run.data))
+        n = max(1, m["train_tokens"] // run.max_length) if m and m.get("complete") else \
+            max(1, sources.total_bytes(sources.expand(run.data)) // (run.max_length * 3))  # ~3 bytes a token
         return [(run.max_length, run.max_length - 1)] * n
     path = models.resolve(run.model)
     adapter = (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "tokenizer_config.json").is_file()

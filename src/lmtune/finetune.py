@@ -55,7 +55,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     import torch
 
     from lmtune import files, models
-    from lmtune.data.batching import pack
+    from lmtune.data.columns import EncodedColumns, pack
     from lmtune.errors import LmtuneError
     from lmtune.track import plot_loss, write_run_info
     from lmtune.train import distributed
@@ -78,7 +78,8 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
         rows, eval_rows = rows[:-n_val], rows[-n_val:]
     model, tokenizer, meta = task.load(cfg.model, cfg, train_rows=rows)
     task.check(eval_rows, meta, cfg.eval_data or cfg.data, cfg)
-    examples = task.encode(rows, tokenizer, cfg, meta, cfg.data)
+    # training examples as memory-mapped columns, encoded a chunk of rows at a time (data/columns.py)
+    examples = EncodedColumns.encode(lambda chunk: task.encode(chunk, tokenizer, cfg, meta, cfg.data), rows)
     eval_examples = task.encode(eval_rows, tokenizer, cfg, meta, cfg.eval_data or cfg.data) if eval_rows else []
     models.check_max_length(model, examples + eval_examples, cfg.max_length, cfg.model)
     if cfg.pack:

@@ -14,6 +14,7 @@ from lmtune.config import PretrainConfig, to_dict
 from lmtune.errors import LmtuneError
 
 SPECIAL = "<|endoftext|>"
+SHARD_MB = 16.0  # MB of text per shard of the prepare cache
 
 
 def train_tokenizer(text: str, kind: str, vocab_size: int):
@@ -41,12 +42,20 @@ def train_tokenizer(text: str, kind: str, vocab_size: int):
 
 
 def load_tokenizer_path(path: str):
-    from transformers import AutoTokenizer, GPT2TokenizerFast
+    """A tokenizer folder (tokenizer.json, or a GPT-2 style vocab.json + merges.txt) as a fast tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     p = Path(path)
     try:
         if (p / "vocab.json").is_file() and (p / "merges.txt").is_file() and not (p / "tokenizer.json").is_file():
-            tok = GPT2TokenizerFast(vocab_file=str(p / "vocab.json"), merges_file=str(p / "merges.txt"))
+            # GPT2TokenizerFast(vocab_file=...) gives a tokenizer of length 1 under transformers 5 that
+            # encodes everything to nothing; the tokenizers library reads the pair as what it is
+            from tokenizers import ByteLevelBPETokenizer
+
+            bpe = ByteLevelBPETokenizer(str(p / "vocab.json"), str(p / "merges.txt"))
+            special = SPECIAL if bpe.token_to_id(SPECIAL) is not None else None
+            tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=special, eos_token=special,
+                                          unk_token=special, pad_token=special)
         elif p.exists():
             tok = AutoTokenizer.from_pretrained(str(p))
         else:
@@ -56,7 +65,43 @@ def load_tokenizer_path(path: str):
                           f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    check_encodes(tok, "The quick brown fox jumps over the lazy dog.", f"--tokenizer {path}")
     return tok
+
+
+def check_encodes(tokenizer, sample: str, what: str) -> None:
+    """A tokenizer that turns non-empty text into no tokens at all is broken, not a short corpus."""
+    sample = sample[:2000]
+    if sample.strip() and not tokenizer(sample, add_special_tokens=False)["input_ids"]:
+        raise LmtuneError(f"{what}: the tokenizer (vocabulary {len(tokenizer)}) encodes the text {sample[:30]!r} to "
+                          "no tokens at all: give a folder with tokenizer.json, or vocab.json + merges.txt")
+
+
+def prepared_data(cfg: PretrainConfig):
+    """(folder, manifest, tokenizer) of the token shards to train on: --data itself when it is a prepared
+    folder, else raw text prepared once into the lmtune cache (rank 0 tokenizes, the others wait)."""
+    from lmtune.data import shards, sources
+    from lmtune.prepare import cache_folder, make_tokenizer, prepare_corpus
+    from lmtune.train import distributed
+
+    saved = Path(cfg.out) / "tokenizer"  # the tokenizer is part of the run: --resume reuses the saved one
+    if shards.read_manifest(Path(cfg.data)) is not None:
+        folder = Path(cfg.data)
+        spec = str(saved) if cfg.resume else cfg.tokenizer if cfg.tokenizer not in ("bpe", "char") \
+            else str(folder / "tokenizer")
+        tokenizer = load_tokenizer_path(spec)
+        return folder, shards.load(folder, tokenizer), tokenizer
+    inputs = sources.expand(cfg.data)
+    tokenizer = load_tokenizer_path(str(saved)) if cfg.resume else \
+        make_tokenizer(cfg.tokenizer, inputs, cfg.text_column, cfg.val_split, cfg.vocab_size, cfg.tokenizer_sample_mb)
+    folder = cache_folder(inputs, tokenizer, cfg.text_column, cfg.val_split, SHARD_MB)
+    if distributed.world().is_main:
+        if shards.read_manifest(folder) is None or not shards.read_manifest(folder).get("complete"):
+            print(f"preparing {cfg.data} into {folder}", file=sys.stderr)
+        prepare_corpus(inputs, tokenizer, folder, text_column=cfg.text_column, val_split=cfg.val_split,
+                       workers=cfg.workers, shard_mb=SHARD_MB)
+    distributed.barrier()
+    return folder, shards.load(folder, tokenizer), tokenizer
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -68,7 +113,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     from lmtune import files, models
     from lmtune.data.batching import collate
-    from lmtune.data.readers import read_text
+    from lmtune.data.shards import TokenBlocks
     from lmtune.tasks import lm as task
     from lmtune.track import plot_loss, write_run_info
     from lmtune.train import distributed
@@ -83,26 +128,21 @@ def pretrain(cfg: PretrainConfig) -> Path:
     seconds = budget.check(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    text = read_text(cfg.data)
-    train_text, val_text = task.split_text(text, cfg.val_split)
-    if cfg.resume:  # the tokenizer is part of the run: reuse the one saved at the start
-        tokenizer = load_tokenizer_path(str(Path(cfg.out) / "tokenizer"))
-    else:
-        tokenizer = train_tokenizer(train_text, cfg.tokenizer, cfg.vocab_size)
-    examples = task.encode_text(train_text, tokenizer, cfg.max_length)
-    val_examples = task.encode_text(val_text, tokenizer, cfg.max_length) if val_text else []
-    if not examples:
+    data_dir, manifest, tokenizer = prepared_data(cfg)
+    examples = TokenBlocks(data_dir, manifest, "train", cfg.max_length)
+    val_examples = TokenBlocks(data_dir, manifest, "val", cfg.max_length, cfg.val_max_blocks)
+    if not len(examples):
         raise LmtuneError(f"{cfg.data}: too little text for one block of {cfg.max_length} tokens")
 
     torch.manual_seed(cfg.seed)
     model = models.build_from_preset(cfg.model_size, tokenizer, cfg.max_length, cfg.model_config)
     total, _ = models.count_parameters(model)
-    n_tokens = sum(len(e["input_ids"]) for e in examples)
+    n_tokens = examples.total
     models.save_activation_memory(model, cfg)
 
     coll = partial(collate, pad_id=tokenizer.pad_token_id)
     evaluate = (lambda m: {"val_loss": mean_loss(m, val_examples, coll, task.loss, cfg.batch_size)}) \
-        if val_examples else None
+        if len(val_examples) else None
     # --budget: step and validation times measured, and a budget too short refused, before --out is touched
     plan = budget.plan_for(cfg, seconds, started, model, examples, coll, task.loss, evaluate) if seconds else None
 

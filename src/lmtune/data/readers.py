@@ -55,6 +55,10 @@ def read_text(path: str) -> str:
 
 def read_records(path: str) -> list[dict]:
     """Rows of a JSON/JSONL/CSV/TSV/Parquet file, each a dict; `_line` holds its line (or index)."""
+    if path.startswith("hf:") or Path(path).is_dir():  # a save_to_disk folder, a folder of files, a hub dataset
+        from lmtune.data.sources import read_rows
+
+        return read_rows(path)
     p = _check_file(path)
     kind = _suffix(p)
     try:  # the decoding boundary of every text format

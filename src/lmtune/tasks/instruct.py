@@ -199,15 +199,58 @@ def read(path: str, cfg, targets: bool = True) -> list[dict]:
     limit = getattr(cfg, "limit", 0)
     rows = read_records(path)
     rows = rows[:limit] if limit else rows
+    rows = [from_sharegpt(r, path, cfg) for r in rows]
     for row in rows:  # every record checked now, before a model is loaded or a folder made
         to_messages(row, path, targets)
     return rows
+
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def role_map(spec: str) -> dict:
+    """--role-map 'human=user,gpt=assistant' on top of ShareGPT's usual names."""
+    roles = dict(ROLES)
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, role = item.partition("=")
+        if not sep or role.strip() not in ("user", "assistant", "system"):
+            raise LmtuneError(f"--role-map {spec}: '{item}' is not NAME=user|assistant|system")
+        roles[name.strip()] = role.strip()
+    return roles
+
+
+def from_sharegpt(row: dict, path: str, cfg) -> dict:
+    """A ShareGPT record ({conversations: [{from, value}]}, or the --messages-column) as a `messages`
+    record; other records are returned as they are."""
+    column = getattr(cfg, "messages_column", "") or ("conversations" if "conversations" in row else "")
+    if not column:
+        return row
+    turns = row.get(column)
+    if not isinstance(turns, list) or not turns:
+        raise LmtuneError(f"{where(path, row)}: '{column}' must be a non-empty list of {{from, value}} turns")
+    roles, msgs = role_map(getattr(cfg, "role_map", "")), []
+    for k, t in enumerate(turns):
+        if not isinstance(t, dict) or not ({"from", "value"} <= set(t) or {"role", "content"} <= set(t)):
+            raise LmtuneError(f"{where(path, row)}: turn {k} of '{column}' is not {{from, value}}")
+        name = t.get("from", t.get("role"))
+        if name not in roles:
+            raise LmtuneError(f"{where(path, row)}: turn {k} has the unknown role '{name}'; map it with --role-map "
+                              f"{name}=user|assistant|system")
+        msgs.append({"role": roles[name], "content": str(t.get("value", t.get("content")))})
+    return {"messages": msgs, "_line": row.get("_line")}
 
 
 def load(name: str, cfg, train_rows: list[dict] | None = None):
     from lmtune import models
 
     model, tokenizer, _ = models.load_for_task(name, "instruct", HEAD)
+    if getattr(cfg, "chat_template", ""):  # saved with the model's tokenizer, so generate and chat use it too
+        from pathlib import Path
+
+        p = Path(cfg.chat_template)
+        if not p.is_file():
+            raise LmtuneError(f"--chat-template {cfg.chat_template} not found: give a Jinja template file")
+        tokenizer.chat_template = p.read_text(encoding="utf-8")
     return model, tokenizer, {"task": "instruct", "head": HEAD, "kind": "decoder"}
 
 

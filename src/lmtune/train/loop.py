@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from lmtune.data.batching import count_targets
@@ -46,7 +47,7 @@ def micro_batch(n_examples: int, batch_size: int, seed: int, index: int,
     counts) batches are grouped by length: rows of similar length share a batch, so little is padded."""
     per_epoch = math.ceil(n_examples / batch_size)
     epoch, i = divmod(index, per_epoch)
-    return list(_epoch_order(n_examples, seed, epoch, batch_size, lengths)[i * batch_size:(i + 1) * batch_size])
+    return [int(j) for j in _epoch_order(n_examples, seed, epoch, batch_size, lengths)[i * batch_size:(i + 1) * batch_size]]
 
 
 GROUP = 50  # batches per length group: sorted inside a group, then the batches shuffled
@@ -54,12 +55,15 @@ GROUP = 50  # batches per length group: sorted inside a group, then the batches 
 
 @functools.lru_cache(maxsize=2)
 def _epoch_order(n_examples: int, seed: int, epoch: int, batch_size: int = 1,
-                 lengths: tuple[int, ...] | None = None) -> tuple[int, ...]:
+                 lengths: tuple[int, ...] | None = None):
+    if lengths is None:
+        # a NumPy permutation (4 bytes an example), not a list of Python ints (~36): a pretraining corpus
+        # of a million blocks keeps its order in 4 MB
+        rng = np.random.default_rng(seed * 1_000_003 + epoch)
+        return rng.permutation(n_examples).astype(np.uint32 if n_examples < 2**32 else np.int64)
     order = list(range(n_examples))
     rng = random.Random(seed * 1_000_003 + epoch)
     rng.shuffle(order)
-    if lengths is None:
-        return tuple(order)
     # as the HF Trainer's group_by_length: cut the shuffled order into groups of GROUP batches and sort
     # each group longest first; then shuffle the batches, so lengths do not rise and fall in a pattern
     size = GROUP * batch_size
@@ -77,9 +81,14 @@ def rank_batch(n_examples: int, cfg, index: int, w: distributed.World,
     return rows[w.rank * cfg.batch_size:(w.rank + 1) * cfg.batch_size]
 
 
-def example_lengths(examples: list[dict], cfg) -> tuple[int, ...] | None:
-    """Token counts to group batches by; None when grouping is off or pointless (packed or equal rows)."""
-    if not getattr(cfg, "group_by_length", False) or not examples or "position_ids" in examples[0]:
+def example_lengths(examples, cfg) -> tuple[int, ...] | None:
+    """Token counts to group batches by; None when grouping is off or pointless (packed or equal rows).
+    A sequence that is not a list (TokenBlocks, EncodedColumns) gives its own in `.lengths`."""
+    if not getattr(cfg, "group_by_length", False) or not len(examples):
+        return None
+    if not isinstance(examples, list):
+        return examples.lengths
+    if "position_ids" in examples[0]:
         return None
     lengths = tuple(len(e["input_ids"]) for e in examples)
     return None if min(lengths) == max(lengths) else lengths
@@ -91,8 +100,10 @@ def matmul_attention_pays(cfg, examples: list[dict], device) -> bool:
     bf16 backward is slow at these lengths: the 10M pretraining benchmark (256 tokens) ran 9-14% faster,
     with the same loss. fp32 compiled was 4% slower, so it stays on SDPA. The scores cost S^2 memory a
     head, hence the length limit; packed rows keep SDPA and its position-id masks."""
-    return bool(cfg.compile and cfg.bf16 and device.type == "cpu" and examples and "position_ids" not in examples[0]
-                and max(len(e.get("input_ids", ())) for e in examples) <= 512)
+    if not (cfg.compile and cfg.bf16 and device.type == "cpu" and len(examples)) or "position_ids" in examples[0]:
+        return False
+    longest = examples.longest if hasattr(examples, "longest") else max(len(e.get("input_ids", ())) for e in examples)
+    return longest <= 512
 
 
 def total_steps(cfg, n_examples: int) -> int:
@@ -103,13 +114,13 @@ def total_steps(cfg, n_examples: int) -> int:
 
 
 @torch.no_grad()
-def mean_loss(model, examples: list[dict], collate: Callable, loss_fn: Callable, batch_size: int) -> float:
+def mean_loss(model, examples, collate: Callable, loss_fn: Callable, batch_size: int) -> float:
     """Loss per target token over `examples` (validation)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        s, n = loss_fn(model, collate(examples[i:i + batch_size]))
+        s, n = loss_fn(model, collate([examples[j] for j in range(i, min(i + batch_size, len(examples)))]))
         total, count = total + float(s), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -177,11 +188,12 @@ class _StopFlag:
             self.on_error()  # e.g. end the progress bar's line, so an error message starts a line of its own
 
 
-def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_fn: Callable,
+def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable,
         evaluate: Callable | None = None, resume_command: str = "", metric: str = "val_loss",
         mode: str = "min", patience: int = 0, save_best: Callable | None = None,
         on_validation: Callable | None = None, plan=None) -> dict:
-    """Train `model` in place on `examples`; returns the last logged metrics.
+    """Train `model` in place on `examples` (a list of encoded dicts, or any sequence with __len__,
+    __getitem__ and `lengths`, such as pretraining's memory-mapped TokenBlocks); returns the last metrics.
 
     `evaluate(model) -> metrics` runs every `cfg.eval_every` steps and at the end. When `metrics[metric]`
     improves (`mode` 'max' or 'min') `save_best(model, step, metrics)` is called; after `patience`
