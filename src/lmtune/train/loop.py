@@ -169,7 +169,7 @@ class _StopFlag:
 def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_fn: Callable,
         evaluate: Callable | None = None, resume_command: str = "", metric: str = "val_loss",
         mode: str = "min", patience: int = 0, save_best: Callable | None = None,
-        on_validation: Callable | None = None) -> dict:
+        on_validation: Callable | None = None, evaluate_first: bool = False) -> dict:
     """Train `model` in place on `examples`; returns the last logged metrics.
 
     `evaluate(model) -> metrics` runs every `cfg.eval_every` steps and at the end. When `metrics[metric]`
@@ -177,6 +177,8 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
     validations without improvement (0: never) training stops early, with a final checkpoint.
     `on_validation(step, metrics)` is called after each validation; it may raise to stop the run (a sweep
     prunes a poor trial this way).
+    With `evaluate_first`, `evaluate` also runs once before training, on the model as it was given (also on
+    --resume: before the checkpoint is loaded), logged as step 0 on a fresh run: the base model's numbers.
     """
     from tqdm import tqdm
 
@@ -193,6 +195,10 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
     autocast = torch.autocast("cuda" if next(model.parameters()).is_cuda else "cpu", dtype=torch.bfloat16) \
         if cfg.bf16 else nullcontext()
 
+    first = None
+    if evaluate and evaluate_first:  # the base model, placed and in the training precision like every validation
+        with distributed.gathered(engine), autocast:
+            first = evaluate(model)
     start = 0
     if cfg.resume and list_checkpoints(out):
         state = load_checkpoint(list_checkpoints(out)[-1], model, optimizer, scheduler)
@@ -200,6 +206,10 @@ def fit(model, examples: list[dict], cfg, out: Path, *, collate: Callable, loss_
         if w.is_main:
             print(f"resuming from step {start} ({list_checkpoints(out)[-1]})", file=sys.stderr)
     log = MetricsLog(out, resume_step=start if cfg.resume else None) if w.is_main else _NoLog()
+    if first is not None and start == 0:
+        log.write({"step": 0, **first})
+        if w.is_main:
+            print("step 0 (before training): " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()), file=sys.stderr)
 
     model.train()
     last: dict = {}
