@@ -29,7 +29,8 @@ def test_retention_is_scored_on_the_base_model_before_training(tmp_path, tiny_ch
     rows = read_metrics(out)
     first, last = rows[0], rows[-1]
     assert first["step"] == 0 and "loss" not in first  # logged before the first training step
-    assert set(first) == {"step", "retain_loss", "retain_agreement"} and first["retain_agreement"] == 1.0
+    assert set(first) == {"step", "retain_loss", "retain_agreement", "retain_f1"}
+    assert first["retain_agreement"] == 1.0 and first["retain_f1"] == 1.0
     base, base_answers = _base_scores(tiny_chat_model)
     assert abs(first["retain_loss"] - base["retain_loss"]) < 1e-4, (first, base)
     saved = [json.loads(line) for line in (out / "retain_answers.jsonl").read_text().splitlines()]
@@ -37,6 +38,7 @@ def test_retention_is_scored_on_the_base_model_before_training(tmp_path, tiny_ch
     # the end of the run is scored too, and training moved it away from the base model
     assert last["step"] == 6 and "retain_loss" in last and last["retain_loss"] != first["retain_loss"]
     assert [s["answer"] for s in saved] != base_answers and last["retain_agreement"] < 1.0
+    assert last["retain_f1"] == pytest.approx(retention.overlap([s["answer"] for s in saved], base_answers))
     err = capsys.readouterr().err
     done = [line for line in err.splitlines() if line.startswith("done:")][-1]
     assert "training loss" in done and "retention: 50/50 -> " in done and "retain_loss" in done
@@ -68,6 +70,14 @@ def test_mix_retain_replays_that_share_of_each_epoch(tmp_path, tiny_chat_model, 
     assert [i for _, idx in seen for i in idx] == picked
     other = [i for b in range(10) for i in loop.micro_batch(80, 8, 1, b)]
     assert other != picked and sum(i >= 64 for i in other) == 16
+
+
+def test_overlap_grades_what_agreement_counts_exactly():
+    base = ["The capital of France is Paris.", "Mars."]
+    assert retention.agreement(["the capital of France is Paris", "1999-03-19"], base) == 0.5
+    assert retention.overlap(["The capital of France is Paris, France.", "1999-03-19"], base) == pytest.approx(
+        (2 * (5 / 6 * 1) / (5 / 6 + 1)) / 2)
+    assert retention.overlap(["", "Mars"], ["", "mars."]) == 1.0  # equal answers, the empty one too
 
 
 def test_mix_counts_the_share_of_the_whole_list():
