@@ -134,6 +134,16 @@ class FinetuneConfig(TaskOptions, TrainConfig):
     lora_alpha: float = opt(32.0, "LoRA alpha (scaling = alpha / r).", min=0.0)
     lora_dropout: float = opt(0.05, "LoRA dropout.", min=0.0, max=1.0)
     lora_targets: str = opt("all-linear", "Modules to adapt: 'all-linear' or comma-separated names (q_proj,v_proj).")
+    retain_data: str = opt("auto", "General data scored on the base model before training and at every validation, "
+                           "to measure forgetting (retain_loss, retain_agreement in metrics.jsonl): instruct data "
+                           "(agreement: share of greedy answers equal to the base model's) or raw text (.txt: loss "
+                           "only). 'auto': lmtune's 50 built-in general prompts for --task instruct; 'none': off.")
+    mix_retain: float = opt(0.0, "Replay: this share of the training examples (each epoch) are general prompts answered "
+                            "by the base model itself (--replay-data), so the fine-tune keeps its general answers; "
+                            "in [0, 1).", min=0.0)
+    replay_data: str = opt("", "With --mix-retain: general prompts to replay (any instruct format; the responses are "
+                           "the base model's own greedy answers, saved in OUT/replay.jsonl); empty: lmtune's 80 "
+                           "built-in prompts (none of them in the built-in retain set).")
 
 
 @dataclass
@@ -214,6 +224,8 @@ class EvaluateConfig(TaskOptions):
     threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default.", min=0)
     probe: str = opt("", "classify: also run a probe ('bias': counterfactual name/gender/nationality/religion swaps).",
                      choices=("", "bias"))
+    reference: str = opt("", "instruct: also answer the prompts with this model and report the agreement (share of "
+                         "greedy answers equal, normalised, to its answers), e.g. a fine-tune against its base.")
 
 
 @dataclass
@@ -244,6 +256,9 @@ class DemoConfig:
     learning_rate: float = opt(2e-3, "Peak learning rate.", min=0.0)
     seed: int = opt(0, "Seed for data generation and training.")
     overwrite: bool = opt(True, "Replace an earlier demo run in --out.")
+    mix_retain: float = opt(0.2, "Share of the training examples that replay general prompts answered by the base "
+                            "model (keeps its general answers; 0: the task alone).", min=0.0)
+    lora_r: int = opt(16, "LoRA rank (alpha is twice the rank).", min=1)
 
 
 @dataclass

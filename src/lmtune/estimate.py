@@ -742,7 +742,9 @@ def check(cfg: EstimateConfig, asked: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="lmtune-estimate-") as tmp:
         short = replace(run, out=str(Path(tmp) / "run"), max_steps=cfg.check_steps, overwrite=True, resume=False,
                         eval_every=0, save_every=10**6, val_split=0.0,
-                        **({"eval_data": ""} if hasattr(run, "eval_data") else {}))
+                        **({"eval_data": ""} if hasattr(run, "eval_data") else {}),
+                        # no retention scoring: its generation would be measured as the run's peak memory
+                        **({"retain_data": "none"} if hasattr(run, "retain_data") else {}))
         spec = Path(tmp) / "run.yaml"
         import yaml
 

@@ -24,12 +24,25 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         from lmtune.errors import LmtuneError
 
         raise LmtuneError(f"--probe {cfg.probe} works with --task classify; for a causal LM use lmtune probe --model M")
+    if cfg.reference and cfg.task != "instruct":
+        from lmtune.errors import LmtuneError
+
+        raise LmtuneError(f"--reference compares greedy answers: it works with --task instruct, not --task {cfg.task}")
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     rows = task.read(cfg.data, cfg)
     t0 = time.perf_counter()
     model, tokenizer, meta = task.load(cfg.model, cfg)
     task.check(rows, meta, cfg.data, cfg)
-    result = task.evaluate(model, tokenizer, rows, cfg, meta)
+    answers: list[str] = []
+    result = task.evaluate(model, tokenizer, rows, cfg, meta, answers) if cfg.reference else \
+        task.evaluate(model, tokenizer, rows, cfg, meta)
+    if cfg.reference:  # the same prompts answered by a second model (e.g. the base of a fine-tune)
+        from lmtune.retention import agreement
+
+        del model
+        ref, ref_tokenizer, ref_meta = task.load(cfg.reference, cfg)
+        ref_answers = [p["response"] for p in task.predict(ref, ref_tokenizer, rows, cfg, ref_meta)]
+        result.update({"reference": cfg.reference, "agreement": agreement(answers, ref_answers)})
     summary = {"task": cfg.task, "model": cfg.model, "data": cfg.data, "rows": len(rows), **result,
                "seconds": round(time.perf_counter() - t0, 2)}
     if cfg.probe:  # the built-in counterfactual templates (lmtune probe takes a file of your own)

@@ -8,6 +8,7 @@ in lmtune.tasks has: read, load, check, encode, collate, loss, evaluate; and the
 from __future__ import annotations
 
 import importlib
+import itertools
 import sys
 from pathlib import Path
 
@@ -42,6 +43,20 @@ def best_saver(out: Path, tokenizer, meta: dict):
     return save_best
 
 
+def gain_and_loss(out: Path, metric: str, history: list[dict], retain) -> str:
+    """What the run gained on its task (the watched metric from step 0, else the training loss from its
+    first step) beside what it lost elsewhere (retention), for the end-of-run line."""
+    import json
+
+    if metric in history[0] and metric in history[-1]:
+        gain = f"{metric} {history[0][metric]:.4f} -> {history[-1][metric]:.4f}"
+    else:
+        losses = [r["loss"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
+                  if "loss" in r]
+        gain = f"training loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+    return "; ".join(p for p in (gain, retain.summary()) if p)
+
+
 def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     """Check the inputs, load the model, encode the data, train, save the model into `cfg.out`.
 
@@ -54,7 +69,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     started = budget.run_start()  # a --budget counts from here: loading and encoding are part of the run
     import torch
 
-    from lmtune import files, models
+    from lmtune import files, models, retention
     from lmtune.data.columns import EncodedColumns, pack
     from lmtune.errors import LmtuneError
     from lmtune.track import plot_loss, write_run_info
@@ -69,6 +84,8 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite, inputs, settings=to_dict(cfg))
     seconds = budget.check(cfg)
     metric, mode = watched_metric(cfg, task.METRICS)
+    retention.check_options(cfg)
+    retain_file = retention.retain_path(cfg.retain_data, cfg.task)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rows = task.read(cfg.data, cfg)
@@ -81,7 +98,12 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     # training examples as memory-mapped columns, encoded a chunk of rows at a time (data/columns.py)
     examples = EncodedColumns.encode(lambda chunk: task.encode(chunk, tokenizer, cfg, meta, cfg.data), rows)
     eval_examples = task.encode(eval_rows, tokenizer, cfg, meta, cfg.eval_data or cfg.data) if eval_rows else []
-    models.check_max_length(model, examples + eval_examples, cfg.max_length, cfg.model)
+    models.check_max_length(model, itertools.chain((examples[i] for i in range(len(examples))), eval_examples),
+                            cfg.max_length, cfg.model)
+    if retain_file and meta["head"] != "causal":
+        raise LmtuneError(f"--retain-data {cfg.retain_data}: retention is scored on causal LMs; --task {cfg.task} "
+                          f"with {cfg.model} is not one (give --retain-data none)")
+    retain = retention.RetainSet(retain_file, tokenizer, cfg.max_length, cfg.batch_size) if retain_file else None
     if cfg.pack:
         if (meta["head"], meta["kind"]) != ("causal", "decoder"):
             raise LmtuneError(f"--pack works for causal LMs; --task {cfg.task} with {cfg.model} is not one")
@@ -97,15 +119,24 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     meta = {"base_model": cfg.model, **meta, "lora": cfg.lora}
     coll = task.collate(tokenizer, meta)
 
-    def evaluate(m) -> dict:  # validation loss and the task's own metrics (numbers only)
-        result = task.evaluate(m, tokenizer, eval_rows, cfg, meta) if task.METRICS else {}
-        # a task whose evaluation pass also gives the loss (classify) saves a second pass over the rows
-        loss = result["loss"] if "loss" in result else mean_loss(m, eval_examples, coll, task.loss, cfg.batch_size)
-        return {"val_loss": float(loss), **{f"val_{k}": float(result[k]) for k in task.METRICS}}
+    history = []  # every validation's metrics; with a retain set the first is the base model's (step 0)
 
+    def evaluate(m) -> dict:  # validation loss and the task's own metrics (numbers only), retention
+        metrics = {}
+        if eval_rows:
+            result = task.evaluate(m, tokenizer, eval_rows, cfg, meta) if task.METRICS else {}
+            # a task whose evaluation pass also gives the loss (classify) saves a second pass over the rows
+            loss = result["loss"] if "loss" in result else mean_loss(m, eval_examples, coll, task.loss, cfg.batch_size)
+            metrics = {"val_loss": float(loss), **{f"val_{k}": float(result[k]) for k in task.METRICS}}
+        if retain:
+            metrics.update({k: float(v) for k, v in retain.score(m).items()})
+        history.append(metrics)
+        return metrics
+
+    validates = bool(eval_rows or retain)
     # --budget: step and validation times measured, and a budget too short refused, before --out is touched
     plan = budget.plan_for(cfg, seconds, started, model, examples, coll, task.loss,
-                           evaluate if eval_rows else None) if seconds else None
+                           evaluate if validates else None) if seconds else None
 
     out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite, prepare=lambda d: write_run_info(
         d, "finetune", to_dict(cfg), {"parameters": total, "trainable_parameters": trainable}))
@@ -115,13 +146,24 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
               f"{trainable / 1e6:.2f}M trainable; {n_rows if cfg.pack else len(examples)} training examples"
               f"{packed} from {len(rows)} rows, {len(eval_rows)} validation rows", file=sys.stderr)
     with discard_if_failed_early(out, cfg.resume):
-        last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate if eval_rows else None,
+        if retain:
+            retain.out = out
+        if cfg.mix_retain:  # replay: general prompts with the base model's answers, before any training
+            replay = retention.replay_examples(cfg.replay_data, model, tokenizer, cfg.max_length, cfg.batch_size,
+                                               out, cfg.resume)
+            n_task, examples = len(examples), retention.mix(examples, replay, cfg.mix_retain)
+            if distributed.world().is_main:
+                print(f"replay: {len(examples) - n_task} of {len(examples)} training examples ({cfg.mix_retain:.0%}) "
+                      f"are {len(replay)} general prompts answered by the base model", file=sys.stderr)
+        last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate if validates else None,
                    resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"),
                    metric=metric, mode=mode, patience=cfg.early_stopping_patience,
-                   save_best=best_saver(out, tokenizer, meta), on_validation=on_validation, plan=plan)
+                   save_best=best_saver(out, tokenizer, meta) if eval_rows else None, on_validation=on_validation,
+                   plan=plan, evaluate_first=bool(retain))
         models.save_model(model, tokenizer, out, meta)
     plot_loss(out)
     if distributed.world().is_main:
-        print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; model in {out}"
-              + (f", best ({metric}) in {out / 'best'}" if eval_rows else ""), file=sys.stderr)
+        print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; "
+              + (f"{gain_and_loss(out, metric, history, retain)}; " if retain and retain.history else "")
+              + f"model in {out}" + (f", best ({metric}) in {out / 'best'}" if eval_rows else ""), file=sys.stderr)
     return out

@@ -278,18 +278,26 @@ def _ask_and_expect(row: dict, path: str, targets: bool = True) -> tuple[str, st
     return (user[-1] if user else ""), msgs[last]["content"]
 
 
+def user_prompt(row: dict, path: str) -> str:
+    """The last user turn of a row: what the model is asked."""
+    return _ask_and_expect(row, path)[0]
+
+
 def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
     prompts = [_ask_and_expect(r, getattr(cfg, "data", ""), targets=False)[0] for r in rows]
     answers = respond(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
     return [{"response": a} for a in answers]
 
 
-def evaluate(model, tokenizer, rows: list[dict], cfg, meta: dict) -> dict:
-    """Exact match of greedy responses, and the loss per response token."""
+def evaluate(model, tokenizer, rows: list[dict], cfg, meta: dict, answers_out: list | None = None) -> dict:
+    """Exact match of greedy responses, and the loss per response token. The responses are appended to
+    `answers_out` when one is given (`evaluate --reference` compares them with another model's)."""
     from lmtune.train.loop import mean_loss
 
     expected = [_ask_and_expect(r, cfg.data)[1] for r in rows]
     answers = [p["response"] for p in predict(model, tokenizer, rows, cfg, meta)]
+    if answers_out is not None:
+        answers_out.extend(answers)
     examples = encode_all(rows, tokenizer, cfg.max_length, cfg.data)
     result = score(answers, expected)
     result["loss"] = mean_loss(model, examples, collate(tokenizer, meta), loss, cfg.batch_size)

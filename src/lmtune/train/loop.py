@@ -191,7 +191,7 @@ class _StopFlag:
 def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable,
         evaluate: Callable | None = None, resume_command: str = "", metric: str = "val_loss",
         mode: str = "min", patience: int = 0, save_best: Callable | None = None,
-        on_validation: Callable | None = None, plan=None) -> dict:
+        on_validation: Callable | None = None, plan=None, evaluate_first: bool = False) -> dict:
     """Train `model` in place on `examples` (a list of encoded dicts, or any sequence with __len__,
     __getitem__ and `lengths`, such as pretraining's memory-mapped TokenBlocks); returns the last metrics.
 
@@ -201,6 +201,8 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
     `on_validation(step, metrics)` is called after each validation; it may raise to stop the run (a sweep
     prunes a poor trial this way). `plan` (a `train.budget.Plan`, for --budget) sets the number of steps
     from the time measured as the run goes, instead of --max-steps/--epochs.
+    With `evaluate_first`, `evaluate` also runs once before training, on the model as it was given (also on
+    --resume: before the checkpoint is loaded), logged as step 0 on a fresh run: the base model's numbers.
     """
     from tqdm import tqdm
 
@@ -217,6 +219,10 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
     autocast = torch.autocast("cuda" if next(model.parameters()).is_cuda else "cpu", dtype=torch.bfloat16) \
         if cfg.bf16 else nullcontext()
 
+    first = None
+    if evaluate and evaluate_first:  # the base model, placed and in the training precision like every validation
+        with distributed.gathered(engine), autocast:
+            first = evaluate(model)
     start = 0
     if cfg.resume and list_checkpoints(out):
         state, path = resume_latest(out, model, optimizer, scheduler)
@@ -226,6 +232,10 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
         if w.is_main:
             print(f"resuming from step {start} ({path})", file=sys.stderr)
     log = MetricsLog(out, resume_step=start if cfg.resume else None) if w.is_main else _NoLog()
+    if first is not None and start == 0:
+        log.write({"step": 0, **first})
+        if w.is_main:
+            print("step 0 (before training): " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()), file=sys.stderr)
 
     model.train()
     last: dict = {}
