@@ -80,7 +80,7 @@ class TrainConfig:
     threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default.", min=0)
 
 
-TASKS = ("instruct", "classify", "translate", "qa", "lm")
+TASKS = ("instruct", "classify", "translate", "qa", "lm", "dpo", "orpo")
 
 
 @dataclass
@@ -100,6 +100,13 @@ class TaskOptions:
     doc_stride: int = opt(128, "qa, encoder models: tokens shared by consecutive windows of a long context.", min=0)
     stride: int = opt(0, "lm: tokens the perplexity window moves each step (0: half of --max-length).", min=0)
     max_new_tokens: int = opt(64, "translate/qa with generating models: most tokens to generate.", min=1)
+    beta: float = opt(0.1, "dpo: strength of the pull towards the reference model (higher: stay closer); "
+                      "for --dpo-loss ipo the regularisation tau.", min=0.0)
+    dpo_loss: str = opt("sigmoid", "dpo: the pair loss (sigmoid: DPO's; ipo: squared, on per-token log-ratios).",
+                        choices=("sigmoid", "ipo"))
+    label_smoothing: float = opt(0.0, "dpo, sigmoid loss: assumed share of pairs whose preference is flipped "
+                                 "(conservative DPO).", min=0.0, max=0.5)
+    orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term next to the chosen reply's NLL.", min=0.0)
 
 
 @dataclass
