@@ -255,3 +255,17 @@ def test_settings_are_checked(tmp_path, tiny_chat_model, capsys):
                            (["--pack"], "--pack does not apply to --task dpo")):
         assert run_cli(base + extra) == 2
         assert pattern in capsys.readouterr().err
+
+
+def test_sweep_over_beta_reports_the_preference_metrics(tmp_path, tiny_chat_model):
+    import yaml
+
+    train = {"task": "dpo", "model": tiny_chat_model, "data": _jsonl(tmp_path / "t.jsonl", _learnable_pairs(16)),
+             "eval_data": _jsonl(tmp_path / "v.jsonl", _learnable_pairs(8, seed=1)), "lora": True, "lora_r": 4,
+             "max_steps": 4, "batch_size": 8, "max_length": 64, "learning_rate": 1e-2, "save_every": 1000}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"train": train, "space": {"beta": [0.1, 1.0]}, "metric": "reward_margin",
+                                     "trials": 2, "startup_trials": 2, "seed": 0}))
+    assert run_cli(["sweep", "--config", sweep, "--out", tmp_path / "sw"]) == 0
+    csv = (tmp_path / "sw" / "trials.csv").read_text()
+    assert csv.count("COMPLETE") == 2, csv
