@@ -160,7 +160,7 @@ def add_reference(model, tokenizer, rows: list[dict], cfg, path: str) -> None:
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast:
-        for i, idx in _batches(examples, cfg.batch_size):
+        for idx in _batches(examples, cfg.batch_size):
             b = _to(coll([examples[j] for j in idx]), device)
             c, r, _, _ = pair_log_probs(model, b)
             for j, cj, rj in zip(idx, c.tolist(), r.tolist()):
@@ -169,10 +169,10 @@ def add_reference(model, tokenizer, rows: list[dict], cfg, path: str) -> None:
 
 
 def _batches(examples: list[dict], batch_size: int):
-    """Batches of examples of similar length (longest first): (batch number, indices)."""
+    """Indices of batches of examples of similar length, longest first (results go back by index)."""
     order = sorted(range(len(examples)), key=lambda j: -len(examples[j]["input_ids"]))
-    for k, i in enumerate(range(0, len(order), batch_size)):
-        yield k, order[i:i + batch_size]
+    for i in range(0, len(order), batch_size):
+        yield order[i:i + batch_size]
 
 
 def _to(batch: dict, device) -> dict:
@@ -219,7 +219,7 @@ def load(task: str, name: str, extra: dict, evaluating: bool):
     return model, tokenizer, meta
 
 
-def collate(tokenizer, meta: dict, keys: tuple) -> callable:
+def collate(tokenizer, meta: dict, keys: tuple):
     return partial(collate_pairs, pad_id=tokenizer.pad_token_id, settings={k: meta[k] for k in keys})
 
 
@@ -237,7 +237,7 @@ def evaluate(model, tokenizer, rows: list[dict], cfg, meta: dict, pair_losses, n
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for _, idx in _batches(examples, cfg.batch_size):
+        for idx in _batches(examples, cfg.batch_size):
             b = _to(coll([examples[j] for j in idx]), device)
             c, r, nc, nr = pair_log_probs(model, b)
             ref = reference_log_probs(model, b) if needs_reference else None
