@@ -168,7 +168,7 @@ def main():
     p.add_argument("--out", default="runs/steer")
     p.add_argument("--steps", type=int, default=0, help="DPO steps (default: 60 dates, 100 sentiment)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step")
-    p.add_argument("--learning-rate", type=float, default=0.0, help="default: 2e-3 dates, 5e-4 sentiment")
+    p.add_argument("--learning-rate", type=float, default=0.0, help="default: 2e-4 dates (2e-3 collapsed the model), 5e-4 sentiment")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--train", type=int, default=0, help="training pairs (default: 480 dates, 800 sentiment)")
     p.add_argument("--eval", type=int, default=0, help="held-back examples (default: 60 dates, 100 sentiment)")
@@ -180,7 +180,7 @@ def main():
     args = p.parse_args()
     dates_exp = args.experiment == "dates"
     args.steps = args.steps or (60 if dates_exp else 100)
-    args.learning_rate = args.learning_rate or (2e-3 if dates_exp else 5e-4)
+    args.learning_rate = args.learning_rate or (2e-4 if dates_exp else 5e-4)
     args.train = args.train or (480 if dates_exp else 800)
     args.eval = args.eval or (60 if dates_exp else 100)
     result = dates(args) if dates_exp else sentiment(args)
