@@ -4,6 +4,7 @@
     python bench/throughput.py --quick    # lmtune and the strongest peer, 3 steps, a few minutes
     python bench/throughput.py --workload a --steps 12 --bf16
     python bench/throughput.py --workload a --repeat 3   # three alternating rounds, the median run of each
+    python bench/throughput.py --workload dpo --steps 8 [--bf16]   # preference tuning: lmtune vs TRL DPOTrainer
 
 (a) SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, Alpaca records from ../shared/data/alpaca as
     conversational prompt/completion (loss on the completion), batch 4 x accumulation 2, max length 512,
@@ -15,6 +16,11 @@
 (b) pretraining a ~10M-parameter Llama-style model from scratch on tinyshakespeare (lmtune's BPE
     tokenizer, 256-token blocks, batch 16): lmtune (eager, eager without element-wise recompute, and
     compiled) against the HF Trainer on the same config and blocks.
+(dpo) SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, DPO (sigmoid, beta 0.1) on conversational pairs
+    from Alpaca (chosen: a record's output; rejected: the next record's), batch 4 pairs x accumulation 2,
+    max length 512, one epoch: lmtune --task dpo (its defaults; and with 40% of the layers checkpointed)
+    against TRL's DPOTrainer (its defaults). Both take the reference as the base with the adapter off.
+    Target tokens are the reply tokens of both sides; the held-out number is the DPO loss on 16 later pairs.
 
 Each contender runs in its own process, one after the other, so peak resident memory is its own.
 Reported: target (loss-bearing) tokens/s and all non-padding tokens/s over steps 2..N (step 1 warms
@@ -320,7 +326,97 @@ def run_hf_b(args) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Workload (dpo): preference pairs, lmtune's --task dpo against TRL's DPOTrainer
+
+def alpaca_pairs(start: int, n: int) -> list[dict]:
+    """Conversational preference pairs from Alpaca: chosen = the record's own output, rejected = the next
+    record's (a plausible answer to another question), the same pairs for every contender."""
+    rows = json.loads((DATA / "alpaca" / "alpaca_5000.json").read_text())[start:start + n + 1]
+    out = []
+    for r, other in zip(rows, rows[1:]):
+        user = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+        if r["output"] != other["output"]:
+            out.append({"prompt": [{"role": "user", "content": user}],
+                        "chosen": [{"role": "assistant", "content": r["output"]}],
+                        "rejected": [{"role": "assistant", "content": other["output"]}]})
+    return out
+
+
+DPO_BETA = 0.1
+
+
+def held_out_dpo_loss(model, tok, args) -> float:
+    """DPO loss (beta 0.1, sigmoid) on the 16 pairs after the training ones, lmtune's dpo.evaluate on the
+    trained peft model (the reference: its adapter switched off), in fp32, the same for every contender."""
+    from types import SimpleNamespace
+
+    from lmtune.tasks import dpo
+
+    rows = [{**r, "_line": i + 1} for i, r in enumerate(alpaca_pairs(args.records, 16))]
+    cfg = SimpleNamespace(max_length=512, batch_size=4, data="alpaca pairs")
+    meta = {"beta": DPO_BETA, "dpo_loss": "sigmoid", "label_smoothing": 0.0}
+    return dpo.evaluate(model.float(), tok, rows, cfg, meta)["loss"]
+
+
+def run_lmtune_dpo(args, ckpt: bool = False) -> dict:
+    from lmtune import models
+    from lmtune.config import FinetuneConfig
+    from lmtune.finetune import finetune
+
+    tmp = Path(tempfile.mkdtemp())
+    data = tmp / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in alpaca_pairs(0, args.records)))
+    cfg = FinetuneConfig(model="smollm2-135m", task="dpo", data=str(data), out=str(tmp / "run"), lora=True,
+                         lora_r=16, lora_alpha=32, lora_dropout=0.0, batch_size=4, grad_accum=2, max_length=512,
+                         max_steps=args.steps, learning_rate=2e-4, schedule="constant", warmup_steps=0,
+                         bf16=args.bf16, save_every=10_000, grad_clip=1.0, beta=DPO_BETA,
+                         activation_checkpointing=ckpt, checkpoint_share=0.4)
+    finetune(cfg)
+    peak = peak_rss_mb()  # before the held-out evaluation loads a second copy
+    rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    dt = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
+    model, tok = models.load_causal_lm(str(tmp / "run"))
+    return {"target_tokens_per_s": sum(r["target_tokens"] for r in rows[1:]) / dt,
+            "tokens_per_s": sum(r["tokens"] for r in rows[1:]) / dt, "peak_rss_mb": peak, "loss": rows[-1]["loss"],
+            "held_out": held_out_dpo_loss(model, tok, args), "steps": len(rows),
+            "settings": f"bf16={args.bf16} ckpt={0.4 if ckpt else False} (lmtune defaults otherwise)"}
+
+
+def run_trl_dpo(args) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from lmtune import models
+
+    model, tok = models.load_causal_lm("smollm2-135m")
+    meter, losses = Meter(2), []
+    cfg = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                    max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="constant", beta=DPO_BETA,
+                    max_length=512, logging_steps=1, save_strategy="no", report_to=[], bf16=args.bf16,
+                    use_cpu=on_cpu(), dataloader_num_workers=0, seed=0, max_grad_norm=1.0)
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(alpaca_pairs(0, args.records)),
+                         processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
+    collate = trainer.data_collator
+
+    def counted(feats):  # target tokens: the completion (reply) tokens of both sides, as lmtune counts them
+        b = collate(feats)
+        meter.batches.append((int(b["completion_mask"][:, 1:].sum()), int(b["attention_mask"].sum())))
+        return b
+    trainer.data_collator = counted
+    trainer.add_callback(_timing_callback(meter, losses))
+    trainer.train()
+    out = meter.summary(losses)
+    out["held_out"] = held_out_dpo_loss(trainer.model, tok, args)
+    out["settings"] = f"bf16={cfg.bf16} TRL defaults (LoRA, reference = adapter disabled)"
+    return out
+
+
 CONTENDERS = {
+    "dpo": [("lmtune dpo", run_lmtune_dpo), ("lmtune dpo ckpt", lambda a: run_lmtune_dpo(a, ckpt=True)),
+            ("TRL DPOTrainer", run_trl_dpo)],
     "a": [*((name, lambda a, kw=kw: run_lmtune_a(a, **kw)) for name, kw in LADDER.items()),
           ("TRL defaults", lambda a: run_trl_a(a, "defaults")), ("TRL padding_free", lambda a: run_trl_a(a, "padding_free")),
           ("TRL packing", lambda a: run_trl_a(a, "packing")), ("HF Trainer+peft", run_hf_a)],
@@ -332,7 +428,7 @@ CONTENDERS = {
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=["a", "b", "all"], default="all")
+    p.add_argument("--workload", choices=["a", "b", "dpo", "all"], default="all", help="all: a and b")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per contender (step 1 is not timed)")
     p.add_argument("--records", type=int, default=0, help="training records (default: steps x 8, one epoch, "
                    "so every contender trains on the same rows)")
@@ -357,7 +453,8 @@ def main():
     for w in (["a", "b"] if args.workload == "all" else [args.workload]):
         names = [n for n, _ in CONTENDERS[w]]
         if args.quick:
-            names = ["lmtune", "TRL padding_free"] if w == "a" else ["lmtune", "HF Trainer"]
+            names = {"a": ["lmtune", "TRL padding_free"], "b": ["lmtune", "HF Trainer"],
+                     "dpo": ["lmtune dpo", "TRL DPOTrainer"]}[w]
         if args.only:
             names = [n for n in names if n in args.only.split(",")]
         runs: dict[str, list[dict]] = {}
@@ -401,7 +498,7 @@ def _paired(runs: dict[str, list[dict]]) -> None:
     machine's slow and fast phases than a ratio of medians."""
     peers = [n for n in runs if not n.startswith(("lmtune", "+"))]
     print("\nper round (paired runs): median ratio [each round]")
-    for o in ("+ mmap threshold", "lmtune", "lmtune packed", "lmtune compile"):
+    for o in ("+ mmap threshold", "lmtune", "lmtune packed", "lmtune compile", "lmtune dpo", "lmtune dpo ckpt"):
         for n in peers if o in runs else []:
             pairs = [(a, b) for a in runs[o] for b in runs[n] if a["round"] == b["round"]]
             if not pairs:
@@ -414,7 +511,8 @@ def _paired(runs: dict[str, list[dict]]) -> None:
 
 def _table(w: str, results: dict, flops: float) -> None:
     title = {"a": "(a) SmolLM2-135M LoRA r=16, Alpaca, batch 4x2, max length 512",
-             "b": "(b) pretraining ~10M Llama-style model, tinyshakespeare, batch 16 x 256"}[w]
+             "b": "(b) pretraining ~10M Llama-style model, tinyshakespeare, batch 16 x 256",
+             "dpo": "(dpo) SmolLM2-135M LoRA r=16 DPO (beta 0.1), Alpaca pairs, batch 4x2 pairs, max length 512"}[w]
     print(f"\n{title}")
     print(f"{'contender':<20} {'target tok/s':>12} {'all tok/s':>10} {'peak mem MB':>12} {'last loss':>10} "
           f"{'held-out':>9}  settings")
@@ -423,7 +521,7 @@ def _table(w: str, results: dict, flops: float) -> None:
         print(f"{name:<20} {r['target_tokens_per_s']:>12.1f} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} "
               f"{r['loss']:>10.4f} {r.get('held_out', float('nan')):>9.4f}  {r.get('settings', '')}{mfu}")
     peers = [n for n in results if not n.startswith(("lmtune", "+"))]
-    for o in ("+ mmap threshold", "lmtune", "lmtune packed", "lmtune compile"):
+    for o in ("+ mmap threshold", "lmtune", "lmtune packed", "lmtune compile", "lmtune dpo", "lmtune dpo ckpt"):
         for n in peers if o in results else []:
             r = results[n]
             print(f"{o} / {n}: {results[o]['target_tokens_per_s'] / r['target_tokens_per_s']:.2f}x target tokens/s, "

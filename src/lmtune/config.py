@@ -87,7 +87,7 @@ class TrainConfig:
     threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default.", min=0)
 
 
-TASKS = ("instruct", "classify", "translate", "qa", "lm")
+TASKS = ("instruct", "classify", "translate", "qa", "lm", "dpo", "orpo")
 
 
 @dataclass
@@ -112,6 +112,13 @@ class TaskOptions:
     role_map: str = opt("human=user,gpt=assistant", "instruct, ShareGPT data: speaker names -> roles, added to "
                         "the defaults human=user, gpt=assistant, system=system (e.g. bot=assistant).")
     chat_template: str = opt("", "instruct: Jinja chat template file, for a base model whose tokenizer has none.")
+    beta: float = opt(0.1, "dpo: strength of the pull towards the reference model (higher: stay closer); "
+                      "for --dpo-loss ipo the regularisation tau.", min=0.0)
+    dpo_loss: str = opt("sigmoid", "dpo: the pair loss (sigmoid: DPO's; ipo: squared, on per-token log-ratios).",
+                        choices=("sigmoid", "ipo"))
+    label_smoothing: float = opt(0.0, "dpo, sigmoid loss: assumed share of pairs whose preference is flipped "
+                                 "(conservative DPO).", min=0.0, max=0.5)
+    orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term next to the chosen reply's NLL.", min=0.0)
 
 
 @dataclass

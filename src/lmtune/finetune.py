@@ -95,6 +95,9 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
         rows, eval_rows = rows[:-n_val], rows[-n_val:]
     model, tokenizer, meta = task.load(cfg.model, cfg, train_rows=rows)
     task.check(eval_rows, meta, cfg.eval_data or cfg.data, cfg)
+    if not cfg.lora and hasattr(task, "add_reference"):  # dpo: the model as loaded is the reference, scored once
+        task.add_reference(model, tokenizer, rows, cfg, meta, cfg.data)
+        task.add_reference(model, tokenizer, eval_rows, cfg, meta, cfg.eval_data or cfg.data)
     # training examples as memory-mapped columns, encoded a chunk of rows at a time (data/columns.py)
     examples = EncodedColumns.encode(lambda chunk: task.encode(chunk, tokenizer, cfg, meta, cfg.data), rows)
     eval_examples = task.encode(eval_rows, tokenizer, cfg, meta, cfg.eval_data or cfg.data) if eval_rows else []

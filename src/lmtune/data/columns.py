@@ -52,14 +52,15 @@ class EncodedColumns:
             base = models.cache_dir() / "encoded"
             base.mkdir(parents=True, exist_ok=True)
             folder = Path(tempfile.mkdtemp(dir=base))
-        files, offsets = {}, {}
+        files, offsets, kinds = {}, {}, {}
         try:
             for ex in examples:
-                if not files:
-                    files = {k: open(folder / f"{k}.i32", "wb") for k in ex}
+                if not files:  # token columns are int32; a float column (dpo's reference log-probs) float32
+                    kinds = {k: np.float32 if np.asarray(ex[k]).dtype.kind == "f" else np.int32 for k in ex}
+                    files = {k: open(folder / f"{k}.{np.dtype(kinds[k]).str[1:]}", "wb") for k in ex}
                     offsets = {k: [0] for k in ex}
                 for k, f in files.items():
-                    v = np.asarray(ex[k], dtype=np.int32)
+                    v = np.asarray(ex[k], dtype=kinds[k])
                     f.write(v.tobytes())
                     offsets[k].append(offsets[k][-1] + len(v))
         finally:
@@ -69,8 +70,8 @@ class EncodedColumns:
             from lmtune.errors import LmtuneError
 
             raise LmtuneError("no examples to train on after encoding the data")
-        values = {k: (np.memmap(folder / f"{k}.i32", dtype=np.int32, mode="r") if offsets[k][-1]
-                      else np.zeros(0, np.int32)) for k in files}
+        values = {k: (np.memmap(folder / f"{k}.{np.dtype(kinds[k]).str[1:]}", dtype=kinds[k], mode="r")
+                      if offsets[k][-1] else np.zeros(0, kinds[k])) for k in files}
         out = cls(folder, values, {k: np.asarray(o, dtype=np.int64) for k, o in offsets.items()})
         weakref.finalize(out, shutil.rmtree, folder, True)  # the files go when the columns do
         return out

@@ -265,7 +265,9 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
             batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
             n_targets = sum(b["n_targets"] if "n_targets" in b else count_targets(b) for b in batches)
             n_tokens = sum(b["n_tokens"] if "n_tokens" in b else int(b["attention_mask"].sum()) for b in batches)
-            n_targets, n_tokens = distributed.all_sum([n_targets, n_tokens])
+            # the loss's unit: target tokens, or what a task's batches count as `n_items` (preference pairs)
+            n_items = sum(b["n_items"] for b in batches) if "n_items" in batches[0] else n_targets
+            n_targets, n_tokens, n_items = distributed.all_sum([n_targets, n_tokens, n_items])
             # 2. forward and backward, accumulating gradients. DDP and FSDP average gradients over the
             #    ranks, so each rank's share is scaled by the world size to get the sum over all tokens;
             #    DDP skips its gradient all-reduce on all but the last micro-batch (no_sync).
@@ -274,7 +276,7 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
                 with nullcontext() if w.mode != "ddp" or k == len(batches) - 1 else engine.no_sync():
                     with autocast:
                         s, _ = engine(b)
-                    (s * w.size / max(n_targets, 1)).backward()
+                    (s * w.size / max(n_items, 1)).backward()
                 loss_sum += float(s.detach())
             loss_sum = distributed.all_sum([loss_sum])[0]
             # 3. clip, step, schedule
@@ -300,7 +302,7 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
             # 4. log
             dt = time.perf_counter() - t0
             tokens_seen += n_tokens
-            last = {"step": step + 1, "loss": loss_sum / max(n_targets, 1), "lr": lr,
+            last = {"step": step + 1, "loss": loss_sum / max(n_items, 1), "lr": lr,
                     "grad_norm": float(grad_norm), "tokens_per_s": n_tokens / dt,
                     "target_tokens_per_s": n_targets / dt, "target_tokens": n_targets, "tokens": n_tokens,
                     "elapsed_s": time.perf_counter() - t_start, "peak_mem_mb": peak_memory_mb()}

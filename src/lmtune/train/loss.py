@@ -82,3 +82,32 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
         else:
             total = total + _chunk_loss(head, h, t)
     return total, int(targets.numel())
+
+
+def _token_log_probs(head, hidden, targets):
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def sequence_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of each row's target-token log-probabilities, number of its target tokens), from one forward of
+    all rows (a preference batch: chosen and rejected rows together). As in `causal_lm_loss` only target
+    positions meet the output layer, a chunk at a time, recomputed in backward; padding is masked by
+    position (its labels are -100), so right padding needs no attention mask."""
+    decoder, head = _parts(model)
+    mask = batch.get("attention_mask")
+    if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        mask = None  # right padding: see causal_lm_loss
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    rows = keep.nonzero()[:, 0]  # the row of each target position, in the order [keep] lists them
+    small = int(keep.sum()) * head.weight.shape[0] <= SMALL_LOGITS  # one piece: no recompute
+    hidden, targets, head = hidden[:, :-1][keep], targets[keep], _frozen_head_cast(head)
+    step, parts = (targets.numel() if small else CHUNK), []
+    for i in range(0, targets.numel(), max(step, 1)):
+        h, t = hidden[i:i + step], targets[i:i + step]
+        parts.append(checkpoint(_token_log_probs, head, h, t, use_reentrant=False)
+                     if torch.is_grad_enabled() and not small else _token_log_probs(head, h, t))
+    logp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=logp.device).index_add(0, rows, logp)
+    return sums, keep.sum(1)
