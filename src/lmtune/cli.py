@@ -16,7 +16,7 @@ import sys
 import typing
 
 from lmtune import config as C
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, require
 
 # verb -> (config class, "module:function", one-line summary)
 VERBS = {
@@ -34,6 +34,12 @@ VERBS = {
     "estimate": (C.EstimateConfig, "lmtune.estimate:estimate", "Predict peak memory and time of a finetune/pretrain run."),
     "report": (C.ReportConfig, "lmtune.report:report", "Write report.html with plots of one run, or overlay several."),
     "probe": (C.ProbeConfig, "lmtune.probes:probe", "Counterfactual bias probe of a classifier or a causal LM."),
+}
+
+# verb -> the optional packages it cannot run without, and the extra that brings them (pyproject.toml)
+EXTRAS = {
+    "serve": (("fastapi", "serve"), ("uvicorn", "serve")),
+    "sweep": (("optuna", "sweep"),),
 }
 
 
@@ -54,7 +60,7 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, type]:
         typ, meta = hints[name], f.metadata
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        default = "" if meta.get("required") else f" (default: {value!r})"
+        default = "" if meta.get("required") or value is None else f" (default: {value!r})"  # None: see help
         choices = f" One of: {', '.join(meta['choices'])}." if meta.get("choices") else ""
         help_text = f"{meta['help']}{choices}{default}"
         if typ is bool:
@@ -129,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
             hint = f", did you mean '{close[0]}'?" if close else f"; verbs: {', '.join(VERBS)}"
             raise LmtuneError(f"unknown verb '{verb}'{hint}")
         cfg = parse(verb, argv[1:])
+        for package, extra in EXTRAS.get(verb, ()):
+            require(package, extra, f"lmtune {verb}")
         module, func = VERBS[verb][1].split(":")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         _resume_after_elastic_restart(cfg)
