@@ -15,11 +15,11 @@ import time
 from lmtune.config import DemoConfig, FinetuneConfig
 
 
-def _score(model_name: str, rows: list[dict]) -> tuple[float, list[str]]:
+def _score(model_name: str, rows: list[dict], dev) -> tuple[float, list[str]]:
     from lmtune import models
     from lmtune.tasks import instruct
 
-    model, tokenizer = models.load_causal_lm(model_name)
+    model, tokenizer = models.load_causal_lm(model_name, device=dev)
     prompts = [f"{r['instruction']}\n\n{r['input']}" for r in rows]
     preds = instruct.respond(model, tokenizer, prompts, max_new_tokens=16)
     return instruct.score(preds, [r["output"] for r in rows])["exact_match"], preds
@@ -30,6 +30,9 @@ def demo(cfg: DemoConfig) -> dict:
     from lmtune.finetune import finetune
     from lmtune.train.checkpoint import check_out_dir, create_out_dir
 
+    from lmtune import device
+
+    dev = device.settle(cfg)
     t0 = time.perf_counter()
     check_out_dir(cfg.out, False, cfg.overwrite)
     eval_rows = date_records(cfg.eval_examples, seed=cfg.seed + 1)
@@ -37,7 +40,7 @@ def demo(cfg: DemoConfig) -> dict:
 
     print(f"[1/3] scoring {cfg.model} on {len(eval_rows)} held-back examples of the built-in 'dates' task "
           f"(rewrite a date as YYYY-MM-DD), before fine-tuning...", flush=True)
-    before, preds_before = _score(cfg.model, eval_rows)
+    before, preds_before = _score(cfg.model, eval_rows, dev)
     print(f"      exact match before: {before:.1f}%", flush=True)
 
     out = create_out_dir(cfg.out, False, cfg.overwrite)
@@ -50,11 +53,12 @@ def demo(cfg: DemoConfig) -> dict:
     ft = FinetuneConfig(model=cfg.model, data=str(data / "train.jsonl"), out=str(out / "adapter"), lora=True,
                         lora_r=16, lora_alpha=32, lora_dropout=0.0, max_steps=cfg.max_steps,
                         batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, warmup_steps=5,
-                        schedule="cosine", max_length=128, seed=cfg.seed, save_every=cfg.max_steps)
+                        schedule="cosine", max_length=128, seed=cfg.seed, save_every=cfg.max_steps,
+                        device=cfg.device)
     finetune(ft)
 
     print("[3/3] scoring the fine-tuned model on the same held-back examples...", flush=True)
-    after, preds_after = _score(str(out / "adapter"), eval_rows)
+    after, preds_after = _score(str(out / "adapter"), eval_rows, dev)
     minutes = (time.perf_counter() - t0) / 60
     result = {"task": "dates", "model": cfg.model, "eval_examples": len(eval_rows),
               "exact_match_before": before, "exact_match_after": after, "minutes": round(minutes, 2),

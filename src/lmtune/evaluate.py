@@ -24,10 +24,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         from lmtune.errors import LmtuneError
 
         raise LmtuneError(f"--probe {cfg.probe} works with --task classify; for a causal LM use lmtune probe --model M")
+    from lmtune import device
+
+    dev = device.settle(cfg)
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     rows = task.read(cfg.data, cfg)
     t0 = time.perf_counter()
     model, tokenizer, meta = task.load(cfg.model, cfg)
+    model = model.to(dev)
     task.check(rows, meta, cfg.data, cfg)
     result = task.evaluate(model, tokenizer, rows, cfg, meta)
     summary = {"task": cfg.task, "model": cfg.model, "data": cfg.data, "rows": len(rows), **result,

@@ -59,8 +59,11 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     from lmtune.train.checkpoint import check_out_dir, create_out_dir
     from lmtune.train.loop import fit, mean_loss
 
+    from lmtune import device
+
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     distributed.setup(cfg.distributed)
+    device.settle(cfg)  # --device checked and --bf16's default set before anything is read or loaded
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite)
     metric, mode = watched_metric(cfg, task.METRICS)
     if cfg.threads:

@@ -130,11 +130,11 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_causal_lm(name: str, *, dtype=None, trainable_adapter: bool = False):
+def load_causal_lm(name: str, *, dtype=None, trainable_adapter: bool = False, device=None):
     """(model, tokenizer) of a causal LM, for generate, chat, serve, merge and export: `load_for_task`
-    with the causal head (an adapter folder brings its base model along)."""
+    with the causal head (an adapter folder brings its base model along), on `device` when given."""
     model, tokenizer, _ = load_for_task(name, "", "causal", dtype=dtype, trainable_adapter=trainable_adapter)
-    return model, tokenizer
+    return (model if device is None or device.type == "cpu" else model.to(device)), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------

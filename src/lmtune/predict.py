@@ -26,9 +26,13 @@ def predict(cfg: PredictConfig) -> Path:
         raise LmtuneError(f"--out {cfg.out} is a folder: give a file name such as predictions.jsonl")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    from lmtune import device
+
+    dev = device.settle(cfg)
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     rows = task.read(cfg.data, cfg, targets=False)
     model, tokenizer, meta = task.load(cfg.model, cfg)
+    model = model.to(dev)
     preds = task.predict(model, tokenizer, rows, cfg, meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

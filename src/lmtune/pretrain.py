@@ -72,7 +72,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from lmtune.train.checkpoint import check_out_dir, create_out_dir
     from lmtune.train.loop import fit, mean_loss
 
+    from lmtune import device
+
     distributed.setup(cfg.distributed)
+    device.settle(cfg)  # --device checked and --bf16's default set before anything is read or built
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -94,10 +94,11 @@ class Batcher:
         for i, r in enumerate(rows):  # left padding: every row's last prompt token is in the last column
             ids[i, width - len(r.ids):] = torch.tensor(r.ids)
             mask[i, width - len(r.ids):] = 1
+        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions count real tokens only, as without padding
         cache = DynamicCache()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                            use_cache=True).logits[:, -1].float()
+                            use_cache=True).logits[:, -1].float().cpu()  # picked per row on the CPU
         return cache, mask, pos[:, -1:], logits
 
     def _join(self, cache, mask, new_cache, new_mask):
@@ -154,13 +155,13 @@ class Batcher:
             if not keep:
                 return
             if len(keep) < len(rows):  # drop finished rows from the batch and from the KV cache
-                index = torch.tensor(keep)
+                index = torch.tensor(keep, device=mask.device)
                 cache.batch_select_indices(index)
                 mask, pos, rows = mask[index], pos[index], [rows[i] for i in keep]
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=mask.device)], dim=1)
             pos = pos + 1
-            logits = self.model(input_ids=torch.tensor(tokens).unsqueeze(1), attention_mask=mask, position_ids=pos,
-                                past_key_values=cache, use_cache=True).logits[:, -1].float()
+            logits = self.model(input_ids=torch.tensor(tokens, device=mask.device).unsqueeze(1), attention_mask=mask,
+                                position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1].float().cpu()
             joiners = self._waiting(self.max_batch - len(rows)) if can_join else []
             if joiners:
                 new_cache, new_mask, new_pos, new_logits = self._prefill(joiners)

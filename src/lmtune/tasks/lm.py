@@ -80,7 +80,7 @@ def perplexity(model, tokenizer, text: str, max_length: int, stride: int) -> dic
     model.eval()
     for begin in range(0, len(ids), stride):
         end = min(begin + max_length, len(ids))
-        window = torch.tensor([ids[begin:end]])
+        window = torch.tensor([ids[begin:end]], device=model.device)
         labels = window.clone()
         labels[:, :-(end - prev_end)] = IGNORE  # already scored by the previous window
         with torch.no_grad():

@@ -179,7 +179,7 @@ def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
         feats = [{"input_ids": ids, **({"token_type_ids": enc["token_type_ids"][w]} if "token_type_ids" in enc
                                        else {})} for w, ids in enumerate(enc["input_ids"])]
         with torch.no_grad():
-            out = model(**collate_inputs(feats, tokenizer.pad_token_id))
+            out = model(**{k: v.to(model.device) for k, v in collate_inputs(feats, tokenizer.pad_token_id).items()})
         for w in range(len(feats)):
             row = i + enc["overflow_to_sample_mapping"][w]
             n = len(feats[w]["input_ids"])

@@ -112,9 +112,12 @@ def unwrap(model):
     return model.module.model if isinstance(getattr(model, "module", None), _LossModule) else model
 
 
-def place(model):
-    """Move the model to this rank's GPU when there is one (before the optimizer is built)."""
-    return model.to(f"cuda:{world().local_rank}") if torch.cuda.is_available() else model
+def place(model, device=None):
+    """Move the model to `device` (lmtune.device.resolve: under torchrun, cuda is this rank's GPU), before
+    the optimizer is built; without one, to this rank's GPU when there is one."""
+    if device is None:
+        device = torch.device("cuda", world().local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return model if device.type == "cpu" and not any(p.is_cuda for p in model.parameters()) else model.to(device)
 
 
 def all_sum(values: list[float]) -> list[float]:
