@@ -125,6 +125,9 @@ class FinetuneConfig(TaskOptions, TrainConfig):
     lora_alpha: float = opt(32.0, "LoRA alpha (scaling = alpha / r).", min=0.0)
     lora_dropout: float = opt(0.05, "LoRA dropout.", min=0.0, max=1.0)
     lora_targets: str = opt("all-linear", "Modules to adapt: 'all-linear' or comma-separated names (q_proj,v_proj).")
+    quantize: str = opt("none", "With --lora: load the frozen base in 4 bits (QLoRA: bitsandbytes NF4, double "
+                        "quantization, bf16 compute; causal-LM tasks; needs lmtune[gpu]). The adapter is saved as "
+                        "usual; `lmtune merge` folds it into the de-quantized base.", choices=("none", "4bit"))
 
 
 @dataclass

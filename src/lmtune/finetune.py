@@ -63,7 +63,11 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
 
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     distributed.setup(cfg.distributed)
-    device.settle(cfg)  # --device checked and --bf16's default set before anything is read or loaded
+    dev = device.settle(cfg)  # --device checked and --bf16's default set before anything is read or loaded
+    if cfg.quantize == "4bit":
+        if not cfg.lora:
+            raise LmtuneError("--quantize 4bit trains a LoRA adapter on a frozen 4-bit base: add --lora")
+        models.check_4bit(dev)
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite)
     metric, mode = watched_metric(cfg, task.METRICS)
     if cfg.threads:
@@ -96,7 +100,8 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
 
     out = create_out_dir(cfg.out, cfg.resume, cfg.overwrite)
     write_run_info(out, "finetune", to_dict(cfg), {"parameters": total, "trainable_parameters": trainable})
-    meta = {"base_model": cfg.model, **meta, "lora": cfg.lora}
+    meta = {"base_model": cfg.model, **meta, "lora": cfg.lora,
+            **({"quantize": cfg.quantize} if cfg.quantize != "none" else {})}
     coll = task.collate(tokenizer, meta)
 
     def evaluate(m) -> dict:  # validation loss and the task's own metrics (numbers only)

@@ -288,10 +288,49 @@ def check_task_fit(name: str, task: str, head: str) -> str:
     return path
 
 
+def load_options(cfg) -> dict:
+    """The keyword arguments of `load_for_task` that a config asks for: --quantize 4bit on --device."""
+    if getattr(cfg, "quantize", "none") != "4bit":
+        return {}
+    from lmtune import device
+
+    return {"quantize": "4bit", "device": device.resolve(cfg.device)}
+
+
+def bnb_4bit_config():
+    """QLoRA's storage: NF4 weights, their scales quantized again (double quantization), bf16 compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def check_4bit(dev) -> None:
+    """A one-line error unless bitsandbytes is installed and can quantize on `dev` (CUDA; its CPU backend
+    where the installed version has one), checked before any model is loaded."""
+    import torch
+
+    from lmtune.errors import require
+
+    require("bitsandbytes", "gpu", "--quantize 4bit")
+    try:
+        import bitsandbytes.functional as bnb_f
+
+        q, state = bnb_f.quantize_4bit(torch.randn(64, 64, device=dev, dtype=torch.bfloat16), quant_type="nf4",
+                                       compress_statistics=True)
+        bnb_f.dequantize_4bit(q, state)
+    except Exception as e:  # noqa: BLE001 - whatever the backend raises, the user needs the same line
+        raise LmtuneError(f"--quantize 4bit: bitsandbytes cannot run on {dev} here ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:150] if str(e) else 'no backend'}); use a CUDA device "
+                          "(--device cuda) or train without --quantize") from None
+
+
 def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None = None,
-                  trainable_adapter: bool = False, dtype=None):
+                  trainable_adapter: bool = False, dtype=None, quantize: str = "none", device=None):
     """(model, tokenizer, path) with the head `task` needs; an adapter folder brings its base model.
-    A folder that lmtune trained with another head (e.g. an instruct model for classify) is refused."""
+    A folder that lmtune trained with another head (e.g. an instruct model for classify) is refused.
+    quantize="4bit" loads the base in NF4 on `device` (QLoRA), ready for a LoRA adapter."""
     import torch
     import transformers
     from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
@@ -308,8 +347,18 @@ def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None =
                      label2id={lab: i for i, lab in enumerate(labels)})
     is_adapter = (Path(path) / "adapter_config.json").is_file()
     base_path = _adapter_base(path) if is_adapter else path
+    if quantize == "4bit":
+        if head != "causal":
+            raise LmtuneError(f"--quantize 4bit works for causal-LM tasks (instruct, lm, generated qa/translate); "
+                              f"--task {task} uses a {head} head, trained in full")
+        extra.update(quantization_config=bnb_4bit_config(),
+                     device_map={"": device.index if device.type == "cuda" else device.type})
     try:
         model = cls.from_pretrained(base_path, dtype=dtype or torch.float32, **extra)
+        if quantize == "4bit":  # norms and embeddings in fp32, input gradients for the adapters
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if is_adapter:
             from peft import PeftModel
 

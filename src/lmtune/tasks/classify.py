@@ -56,7 +56,7 @@ def load(name: str, cfg, train_rows: list[dict] | None = None):
     if train_rows and len(labels) < 2:
         raise LmtuneError(f"--data: column '{cfg.label_column}' has one label only ({labels[0]}); "
                           "classification needs at least two")
-    model, tok, path = models.load_for_task(name, "classify", HEAD, labels=labels)
+    model, tok, path = models.load_for_task(name, "classify", HEAD, labels=labels, **models.load_options(cfg))
     return model, tok, {"task": "classify", "head": HEAD, "kind": models.model_kind(path), "labels": labels}
 
 

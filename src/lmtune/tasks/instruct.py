@@ -159,7 +159,7 @@ def read(path: str, cfg, targets: bool = True) -> list[dict]:
 def load(name: str, cfg, train_rows: list[dict] | None = None):
     from lmtune import models
 
-    model, tokenizer, _ = models.load_for_task(name, "instruct", HEAD)
+    model, tokenizer, _ = models.load_for_task(name, "instruct", HEAD, **models.load_options(cfg))
     return model, tokenizer, {"task": "instruct", "head": HEAD, "kind": "decoder"}
 
 

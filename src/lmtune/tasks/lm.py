@@ -46,7 +46,7 @@ def load(name: str, cfg, train_rows: list[dict] | None = None):
     kind = models.model_kind(models.resolve(name))
     if kind != "decoder":
         raise LmtuneError(f"model {name} is an {kind} model: perplexity (--task lm) needs a causal LM")
-    model, tok, _ = models.load_for_task(name, "lm", "causal")
+    model, tok, _ = models.load_for_task(name, "lm", "causal", **models.load_options(cfg))
     return model, tok, {"task": "lm", "head": "causal", "kind": kind}
 
 

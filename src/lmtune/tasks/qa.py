@@ -85,7 +85,7 @@ def load(name: str, cfg, train_rows: list[dict] | None = None):
         raise LmtuneError(f"model {name} is an encoder-decoder: qa supports encoders (extractive) and "
                           "decoders (generative)")
     head = "qa_span" if kind == "encoder" else "causal"
-    model, tok, _ = models.load_for_task(name, "qa", head)
+    model, tok, _ = models.load_for_task(name, "qa", head, **models.load_options(cfg))
     if head == "qa_span" and not tok.is_fast:
         raise LmtuneError(f"model {name}: extractive qa needs a fast tokenizer (tokenizer.json) for offsets")
     return model, tok, {"task": "qa", "head": head, "kind": kind}

@@ -70,7 +70,7 @@ def load(name: str, cfg, train_rows: list[dict] | None = None):
         raise LmtuneError("translate with a decoder model needs the language names for its prompt: "
                           "give --source-lang and --target-lang (e.g. English, German)")
     meta.update(source_lang=src, target_lang=tgt)
-    model, tok, _ = models.load_for_task(name, "translate", meta["head"])
+    model, tok, _ = models.load_for_task(name, "translate", meta["head"], **models.load_options(cfg))
     return model, tok, meta
 
 

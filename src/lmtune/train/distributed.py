@@ -117,7 +117,9 @@ def place(model, device=None):
     the optimizer is built; without one, to this rank's GPU when there is one."""
     if device is None:
         device = torch.device("cuda", world().local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return model if device.type == "cpu" and not any(p.is_cuda for p in model.parameters()) else model.to(device)
+    if all(p.device == device for p in model.parameters()):  # there already (a 4-bit model is placed on load)
+        return model
+    return model.to(device)
 
 
 def all_sum(values: list[float]) -> list[float]:
