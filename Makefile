@@ -16,11 +16,13 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m venv $(VENV)
-	@# torch first, from TORCH_INDEX (a local wheel cache is pip's own business: PIP_FIND_LINKS=DIR)
+	@# torch first, from TORCH_INDEX (a local wheel cache is pip's own business: PIP_FIND_LINKS=DIR); its
+	@# own dependencies come from the normal index with lmtune's below (--no-deps here: the torch index is
+	@# asked for torch alone)
 	if [ "$(TORCH_INDEX)" = "https://download.pytorch.org/whl/cpu" ]; then \
-		$(BIN)/pip install -q --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)+cpu"; \
+		$(BIN)/pip install -q --no-deps --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)+cpu"; \
 	else \
-		$(BIN)/pip install -q --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)"; \
+		$(BIN)/pip install -q --no-deps --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)"; \
 	fi
 	@# lmtune with its declared dependencies and every extra (so the tests check pyproject's lists);
 	@# requirements*.txt only pin the versions (constraints), they add no package
