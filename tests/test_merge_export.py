@@ -187,3 +187,44 @@ def test_export_smollm2_gguf_same_greedy_output(tmp_path, capsys):
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=2)
     with torch.no_grad():
         assert reloaded.generate(ids, **kwargs).tolist() == source.generate(ids, **kwargs).tolist()
+
+
+@pytest.mark.parametrize("qtype, step", [("q8_0", 1 / 127), ("q4_0", 1 / 8)])
+def test_export_gguf_quantized(tiny, tmp_path, capsys, qtype, step):
+    """--quantize writes the 2-D weights in that GGUF type (q4_0: the tied embedding in q8_0), norms in f32;
+    every weight read back is within one quantization step (block max x step) of the source's, and
+    transformers' GGUF reader loads the file."""
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from lmtune import models
+    from lmtune.export import permute_rotary
+
+    out = tmp_path / f"tiny-{qtype}.gguf"
+    code, err = run_cli(["export", "--model", str(tiny), "--out", str(out), "--quantize", qtype], capsys)
+    assert code == 0, err
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    types = {name: t.tensor_type.name for name, t in tensors.items()}
+    assert types["blk.0.attn_q.weight"] == qtype.upper() and types["blk.1.ffn_down.weight"] == qtype.upper()
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    source, tok = models.load_causal_lm(str(tiny))
+    state, cfg = source.state_dict(), source.config
+    pairs = {"blk.0.attn_q.weight": permute_rotary(state["model.layers.0.self_attn.q_proj.weight"].numpy(),
+                                                   cfg.num_attention_heads),
+             "blk.1.ffn_down.weight": state["model.layers.1.mlp.down_proj.weight"].numpy()}
+    for name, w in pairs.items():
+        back = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type).reshape(w.shape)
+        block_max = np.abs(w).reshape(w.shape[0], -1, 32).max(-1, keepdims=True)
+        error = np.abs(back - w).reshape(w.shape[0], -1, 32)
+        assert (error <= block_max * step + 1e-6).all() and error.max() > 0, (name, error.max())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name)
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(torch.tensor([tok("Hello there")["input_ids"]])).logits).all()
+
+
+def test_export_gguf_type_it_cannot_write_is_one_line(tiny, tmp_path, capsys):
+    out = tmp_path / "x.gguf"
+    code, err = run_cli(["export", "--model", str(tiny), "--out", str(out), "--quantize", "q4_k"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--quantize q4_k" in err and "q8_0" in err, err
+    assert not out.exists()

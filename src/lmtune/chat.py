@@ -71,7 +71,10 @@ def chat(cfg: ChatConfig) -> list[dict]:
     from lmtune.decode import Decoder
     from lmtune.generation.sampling import stop_ids
 
-    model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None)
+    from lmtune import device
+
+    dev = device.settle(cfg)
+    model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None, device=dev)
     model.eval()
     eos = stop_ids(model, tokenizer)
     decoder = Decoder(model)

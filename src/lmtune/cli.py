@@ -18,7 +18,7 @@ import threading
 import typing
 
 from lmtune import config as C
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, require
 from lmtune.train import budget
 
 # verb -> (config class, "module:function", one-line summary)
@@ -41,6 +41,12 @@ VERBS = {
     "studio": (C.StudioConfig, "lmtune.studio:studio", "A local web app over a folder of runs: watch, launch, compare, chat."),
 }
 
+# verb -> the optional packages it cannot run without, and the extra that brings them (pyproject.toml)
+EXTRAS = {
+    "serve": (("fastapi", "serve"), ("uvicorn", "serve")),
+    "sweep": (("optuna", "sweep"),),
+}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
@@ -59,7 +65,7 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, type]:
         typ, meta = hints[name], f.metadata
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        default = "" if meta.get("required") else f" (default: {value!r})"
+        default = "" if meta.get("required") or value is None else f" (default: {value!r})"  # None: see help
         choices = f" One of: {', '.join(meta['choices'])}." if meta.get("choices") else ""
         help_text = f"{meta['help']}{choices}{default}"
         if typ is bool:
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
             hint = f", did you mean '{close[0]}'?" if close else f"; verbs: {', '.join(VERBS)}"
             raise LmtuneError(f"unknown verb '{verb}'{hint}")
         cfg = parse(verb, argv[1:])
+        for package, extra in EXTRAS.get(verb, ()):
+            require(package, extra, f"lmtune {verb}")
         module, func = VERBS[verb][1].split(":")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         _resume_after_elastic_restart(cfg)

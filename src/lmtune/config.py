@@ -58,7 +58,10 @@ class TrainConfig:
     warmup_steps: int = opt(0, "Steps of linear warmup from 0 to --learning-rate.", min=0)
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value; 0 turns clipping off.", min=0.0)
     seed: int = opt(0, "Seed for initialisation, data order and dropout.")
-    bf16: bool = opt(False, "Run forward and backward under bf16 autocast.")
+    bf16: bool = opt(None, "Run forward and backward under bf16 autocast (default: on for a CUDA device that "
+                     "supports bf16, off on the CPU and MPS).")
+    device: str = opt("auto", "Where to run the model: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, "
+                      "cuda:N or mps.")
     distributed: str = opt("none", "Engine across processes started by torchrun: ddp or fsdp (FSDP2).",
                            choices=("none", "ddp", "fsdp"))
     pack: bool = opt(False, "Pack several examples into each --max-length block (no compute on padding).")
@@ -151,6 +154,9 @@ class FinetuneConfig(TaskOptions, TrainConfig):
     replay_data: str = opt("", "With --mix-retain: general prompts to replay (any instruct format; the responses are "
                            "the base model's own greedy answers, saved in OUT/replay.jsonl); empty: lmtune's 80 "
                            "built-in prompts (none of them in the built-in retain set).")
+    quantize: str = opt("none", "With --lora: load the frozen base in 4 bits (QLoRA: bitsandbytes NF4, double "
+                        "quantization, bf16 compute; causal-LM tasks; needs lmtune[gpu]). The adapter is saved as "
+                        "usual; `lmtune merge` folds it into the de-quantized base.", choices=("none", "4bit"))
 
 
 @dataclass
@@ -209,7 +215,10 @@ class GenerateConfig:
     template: str = opt("auto", "Prompt format: 'auto' (chat template if the tokenizer has one), 'chat' or 'raw'.",
                         choices=("auto", "chat", "raw"))
     seed: int = opt(0, "Seed for sampling.")
-    bf16: bool = opt(False, "Generate in bf16 (half the bytes a token; greedy output may differ slightly from fp32).")
+    bf16: bool = opt(None, "Generate in bf16 (half the bytes a token; greedy output may differ slightly from fp32; "
+                     "default: on for a CUDA device that supports bf16, off on the CPU and MPS).")
+    device: str = opt("auto", "Where to run the model: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, "
+                      "cuda:N or mps.")
     compile: bool = opt(False, "torch.compile the one-token decode step (a compile of ~1-2 min on a CPU; "
                         "pays only for long generations).")
     quantize: str = opt("none", "Weight-only quantization of the matrices for decoding: int8 reads a quarter of "
@@ -229,6 +238,8 @@ class EvaluateConfig(TaskOptions):
     max_length: int = opt(512, "Most tokens per input (lm: the perplexity window).", min=8)
     limit: int = opt(0, "Use only the first N rows (lm: lines) of the data; 0: all.", min=0)
     threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default.", min=0)
+    device: str = opt("auto", "Where to run the model: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, "
+                      "cuda:N or mps.")
     probe: str = opt("", "classify: also run a probe ('bias': counterfactual name/gender/nationality/religion swaps).",
                      choices=("", "bias"))
     reference: str = opt("", "instruct: also answer the prompts with this model and report the agreement (share of "
@@ -248,6 +259,8 @@ class PredictConfig(TaskOptions):
     max_length: int = opt(512, "Most tokens per input (lm: the perplexity window).", min=8)
     limit: int = opt(0, "Use only the first N rows of the data; 0: all.", min=0)
     threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default.", min=0)
+    device: str = opt("auto", "Where to run the model: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, "
+                      "cuda:N or mps.")
 
 
 @dataclass
@@ -266,6 +279,8 @@ class DemoConfig:
     mix_retain: float = opt(0.2, "Share of the training examples that replay general prompts answered by the base "
                             "model (keeps its general answers; 0: the task alone).", min=0.0)
     lora_r: int = opt(16, "LoRA rank (alpha is twice the rank).", min=1)
+    device: str = opt("auto", "Where to run the model: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, "
+                      "cuda:N or mps.")
 
 
 @dataclass
@@ -281,7 +296,10 @@ class ChatConfig:
     top_k: int = opt(0, "Sample among the k most likely tokens (0: all).", min=0)
     top_p: float = opt(1.0, "Nucleus sampling probability mass.", min=0.0, max=1.0)
     seed: int = opt(0, "Seed for sampling.")
-    bf16: bool = opt(False, "Generate in bf16.")
+    bf16: bool = opt(None, "Generate in bf16 (default: on for a CUDA device that supports bf16, off on the CPU "
+                     "and MPS).")
+    device: str = opt("auto", "Where to run the model: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, "
+                      "cuda:N or mps.")
 
 
 @dataclass
@@ -301,7 +319,10 @@ class ServeConfig:
     max_n: int = opt(4, "Most completions (n, or prompts x n) one request may ask for.", min=1)
     max_batch: int = opt(16, "Most sequences generated together in one batch.", min=1)
     batch_wait_ms: float = opt(5.0, "How long the batcher waits for more requests before it starts a batch.", min=0.0)
-    bf16: bool = opt(False, "Generate in bf16.")
+    bf16: bool = opt(None, "Generate in bf16 (default: on for a CUDA device that supports bf16, off on the CPU "
+                     "and MPS).")
+    device: str = opt("auto", "Where to run the model: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, "
+                      "cuda:N or mps.")
     threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default.", min=0)
 
 
@@ -323,6 +344,9 @@ class ExportConfig:
     out: str = opt("", "Output: FILE.gguf for --format gguf, a folder for --format safetensors.", required=True)
     format: str = opt("gguf", "Output format.", choices=("gguf", "safetensors"))
     dtype: str = opt("f16", "Weight precision in the GGUF file (norms stay f32).", choices=("f16", "f32"))
+    quantize: str = opt("", "GGUF weight type, quantized by the gguf package: f16, q8_0 or q4_0 (also f32, bf16, "
+                        "q4_1, q5_0, q5_1); norms stay f32, and under q4_0/q4_1 the token embedding (the tied "
+                        "output layer) is q8_0. Empty: --dtype.")
     overwrite: bool = opt(False, "Replace an existing --out.")
 
 
@@ -392,6 +416,8 @@ class ProbeConfig:
     json: bool = opt(False, "Print one JSON object instead of a table.")
     threshold: float = opt(0.1, "Flag an attribute whose flip rate or mean probability change exceeds this.",
                            min=0.0, max=1.0)
+    device: str = opt("auto", "Where to run the model: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, "
+                      "cuda:N or mps.")
 
 
 @dataclass

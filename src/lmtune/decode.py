@@ -92,8 +92,8 @@ def lora_side(*modules):
         return None
     outs = [m.weight.shape[0] for m in modules]
     A = torch.cat([p[0] for p in parts if p is not None])
-    B = torch.zeros(sum(outs), A.shape[0], dtype=A.dtype)
-    s = torch.zeros(sum(outs), dtype=A.dtype)
+    B = torch.zeros(sum(outs), A.shape[0], dtype=A.dtype, device=A.device)
+    s = torch.zeros(sum(outs), dtype=A.dtype, device=A.device)
     row = col = 0
     for p, n in zip(parts, outs):
         if p is not None:
@@ -157,7 +157,7 @@ class LlamaRunner:
                 for k in ("wqkv", "wo", "wgu", "wd"):
                     L[k] = Int8(L[k])
             self.head = Int8(self.head)
-        elif gguf_blocks and self.dtype == torch.float32 and blocks.available():
+        elif gguf_blocks and self.dtype == torch.float32 and self.emb.device.type == "cpu" and blocks.available():
             # lossless: matrices that are exactly GGUF blocks are read in that form (see lmtune.blocks)
             for L in self.layers:
                 for k in ("wqkv", "wo", "wgu", "wd"):
@@ -170,8 +170,10 @@ class LlamaRunner:
         and a compiled step sees the same tensors). Stale entries are masked, never read."""
         shape = (len(self.layers), batch, self.n_kv, length, self.head_dim)
         if self.k is None or self.k.shape != shape:
-            self.k, self.v = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
-            cos, sin = (t[0] for t in self.rotary(self.k[0, :1, 0], torch.arange(length)[None]))  # (length, D)
+            dev = self.emb.device
+            self.k = torch.zeros(shape, dtype=self.dtype, device=dev)
+            self.v = torch.zeros(shape, dtype=self.dtype, device=dev)
+            cos, sin = (t[0] for t in self.rotary(self.k[0, :1, 0], torch.arange(length, device=dev)[None]))
             # HF's rotate_half(x) * sin == roll(x, D/2) * (sin with its first half negated), exactly: one op less
             half = self.head_dim // 2
             self.cos, self.sin = cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
@@ -262,6 +264,10 @@ class Decoder:
             else:
                 model = model.merge_and_unload()
         model.eval()
+        self.device = next(model.parameters(), torch.empty(0)).device
+        if quantize == "int8" and self.device.type != "cpu":
+            raise LmtuneError(f"--quantize int8 is a CPU decoding path (torch's int8 matrix-vector kernel); "
+                              f"on {self.device.type} leave --quantize none (bf16 is the default on CUDA)")
         if quantize != "none" and not LlamaRunner.supports(model):
             raise LmtuneError(f"--quantize {quantize} works for Llama-family models; "
                               f"{type(model).__name__} is not one (leave --quantize none)")
@@ -270,7 +276,22 @@ class Decoder:
                        else HFRunner(model))
         self.fast = isinstance(self.runner, LlamaRunner)
         self.compile = compile and self.fast
-        self._step = torch.compile(self.runner.step, dynamic=False, fullgraph=True) if self.compile else None
+        # on CUDA the compiled step is also captured as a CUDA graph (one launch a token instead of hundreds)
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self._step = torch.compile(self.runner.step, dynamic=False, fullgraph=True, mode=mode) if self.compile else None
+
+    def _guarded_step(self, *args):
+        """The compiled step; if this machine cannot compile it (no Triton, an unsupported GPU), the same
+        static-shape step eagerly from then on, with a note."""
+        try:
+            return self._step(*args)
+        except Exception as e:  # noqa: BLE001 - any backend failure; the eager step gives the same tokens
+            import sys
+
+            print(f"note: --compile failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                  "decoding without it", file=sys.stderr)
+            self._step = self.runner.step
+            return self._step(*args)
 
     @staticmethod
     def runs_unchanged(model) -> bool:
@@ -278,7 +299,7 @@ class Decoder:
         autocast around, every parameter in one dtype, and no adapter to merge (none, or LoRA kept apart)."""
         if torch.is_autocast_enabled("cpu") or (torch.cuda.is_available() and torch.is_autocast_enabled("cuda")):
             return False
-        if len({p.dtype for p in model.parameters()}) != 1 or next(model.parameters()).device.type != "cpu":
+        if len({p.dtype for p in model.parameters()}) != 1 or len({p.device for p in model.parameters()}) != 1:
             return False
         return not getattr(model, "peft_config", None) or Decoder.block_base_lora(model)
 
@@ -287,7 +308,8 @@ class Decoder:
         """Whether a peft model is plain LoRA on a Llama whose base weights are GGUF blocks (so that the
         runner reads the base in block form and adds the adapters unmerged)."""
         base = model.get_base_model()
-        if not LlamaRunner.supports(base) or getattr(model, "modules_to_save", None) or not blocks.available():
+        if not LlamaRunner.supports(base) or getattr(model, "modules_to_save", None) or not blocks.available() \
+                or next(base.parameters()).device.type != "cpu":  # the block kernel is a CPU one
             return False
         layers = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
         try:
@@ -318,23 +340,25 @@ class Decoder:
             length = min(-(-length // 128) * 128, self.runner.max_pos)
         self.runner.reset(B, length)
 
+        dev = self.device
         ids = torch.full((B, S), pad_id, dtype=torch.long)
         valid = torch.zeros((B, length), dtype=torch.bool)  # which cache slots hold a real token, per row
         for i, p in enumerate(prompts):  # left padding: every row's last prompt token is in column S-1
             ids[i, S - len(p):] = torch.tensor(p)
             valid[i, S - len(p):S] = True
+        ids, valid = ids.to(dev), valid.to(dev)
         pos = (valid[:, :S].long().cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
         # prefill: causal attention among real tokens; a padding query sees itself (no empty softmax row)
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
-        mask = (causal & valid[:, None, :S]) | torch.eye(S, dtype=torch.bool)
+        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+        mask = (causal & valid[:, None, :S]) | torch.eye(S, dtype=torch.bool, device=dev)
         if isinstance(self.runner, HFRunner):
             mask = valid[:, :S]
-        logits = self.runner.forward(ids, pos, mask[:, None] if self.fast else mask, torch.arange(S), S)
+        logits = self.runner.forward(ids, pos, mask[:, None] if self.fast else mask, torch.arange(S, device=dev), S)
 
-        eos = torch.tensor(list(eos_ids), dtype=torch.long)
-        gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-        step = self._step or self.runner.step
-        done = torch.zeros(B, dtype=torch.bool)
+        eos = torch.tensor(list(eos_ids), dtype=torch.long, device=dev)
+        gen = torch.Generator(device=dev).manual_seed(seed if seed is not None else torch.seed())
+        step = self._guarded_step if self._step else self.runner.step
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
         out, pos = [], pos[:, -1:]
         for n in range(max_new_tokens):
             tok = pick(logits, temperature, top_k, top_p, gen).masked_fill(done, pad_id)
@@ -347,9 +371,11 @@ class Decoder:
             t = S + n  # the cache slot of this token
             valid[:, t] = True
             pos = pos + 1
-            at = torch.tensor([t])
+            at = torch.tensor([t], device=dev)
             if self.fast and not self.compile:  # eager: attend over the filled slots only
                 logits = self.runner.forward(tok[:, None], pos, valid[:, None, None, :t + 1], at, t + 1)
             else:
                 logits = step(tok[:, None], pos, valid, at)
+                if self.compile and dev.type == "cuda":
+                    logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
         return torch.stack(out, 1)

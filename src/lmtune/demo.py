@@ -18,11 +18,11 @@ from pathlib import Path
 from lmtune.config import DemoConfig, FinetuneConfig
 
 
-def _score(model_name: str, rows: list[dict]) -> tuple[float, list[str]]:
+def _score(model_name: str, rows: list[dict], dev) -> tuple[float, list[str]]:
     from lmtune import models
     from lmtune.tasks import instruct
 
-    model, tokenizer = models.load_causal_lm(model_name)
+    model, tokenizer = models.load_causal_lm(model_name, device=dev)
     prompts = [f"{r['instruction']}\n\n{r['input']}" for r in rows]
     preds = instruct.respond(model, tokenizer, prompts, max_new_tokens=16)
     return instruct.score(preds, [r["output"] for r in rows])["exact_match"], preds
@@ -47,8 +47,10 @@ def demo(cfg: DemoConfig) -> dict:
     from lmtune.track import write_run_info
     from lmtune.train.checkpoint import check_out_dir, create_out_dir
 
+    from lmtune import device
     from lmtune.errors import LmtuneError
 
+    dev = device.settle(cfg)
     t0 = time.perf_counter()
     if not 0 <= cfg.mix_retain < 1:
         raise LmtuneError(f"--mix-retain {cfg.mix_retain}: the share of replayed examples must be in [0, 1)")
@@ -59,7 +61,7 @@ def demo(cfg: DemoConfig) -> dict:
 
     print(f"[1/3] scoring {cfg.model} on {len(eval_rows)} held-back examples of the built-in 'dates' task "
           f"(rewrite a date as YYYY-MM-DD), before fine-tuning...", flush=True)
-    before, preds_before = _score(cfg.model, eval_rows)
+    before, preds_before = _score(cfg.model, eval_rows, dev)
     print(f"      exact match before: {before:.1f}%", flush=True)
 
     def prepare(folder) -> None:  # run.json marks the folder as an lmtune run (a later demo may replace it)
@@ -76,12 +78,12 @@ def demo(cfg: DemoConfig) -> dict:
                         lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, max_steps=cfg.max_steps,
                         batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, warmup_steps=5,
                         schedule="cosine", max_length=128, seed=cfg.seed, save_every=cfg.max_steps,
-                        mix_retain=cfg.mix_retain)
+                        mix_retain=cfg.mix_retain, device=cfg.device)
     finetune(ft)
     kept_before, kept_after, n_general, general, f1_after = _retention(out / "adapter")
 
     print("[3/3] scoring the fine-tuned model on the same held-back examples...", flush=True)
-    after, preds_after = _score(str(out / "adapter"), eval_rows)
+    after, preds_after = _score(str(out / "adapter"), eval_rows, dev)
     minutes = (time.perf_counter() - t0) / 60
     result = {"task": "dates", "model": cfg.model, "eval_examples": len(eval_rows),
               "exact_match_before": before, "exact_match_after": after, "general_prompts": n_general,

@@ -10,3 +10,17 @@ class LmtuneError(Exception):
     """A mistake in the user's input, reported as one line and exit code 2."""
 
     exit_code = 2
+
+
+def require(module: str, extra: str, what: str = "") -> None:
+    """Raise a one-line `LmtuneError` naming the extra to install when `module` cannot be imported.
+    Called before anything slow (a model load) happens, so a missing package costs a second, not a run."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise LmtuneError(f"{what or 'this'} needs the package '{module}', which is not installed: "
+                          f"pip install 'lmtune[{extra}]'")

@@ -662,7 +662,10 @@ def estimate(cfg: EstimateConfig) -> dict:
     """Print the predicted peak memory and time of `cfg.run` (and its variants); with --check, measure."""
     import torch
 
+    from lmtune import device
+
     run = cfg.run
+    device.settle(run)  # --bf16 not given: the device's default, as the run itself would take it
     if run.threads:
         torch.set_num_threads(run.threads)
     lora = getattr(run, "lora", False)

@@ -28,10 +28,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         from lmtune.errors import LmtuneError
 
         raise LmtuneError(f"--reference compares greedy answers: it works with --task instruct, not --task {cfg.task}")
+    from lmtune import device
+
+    dev = device.settle(cfg)
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     rows = task.read(cfg.data, cfg)
     t0 = time.perf_counter()
     model, tokenizer, meta = task.load(cfg.model, cfg)
+    model = model.to(dev)
     task.check(rows, meta, cfg.data, cfg)
     answers: list[str] = []
     result = task.evaluate(model, tokenizer, rows, cfg, meta, answers) if cfg.reference else \

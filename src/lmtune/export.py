@@ -6,6 +6,11 @@ k projections permuted from Hugging Face's rotate-half rotary layout back to the
 uses, 2-D weights in f16 or f32 and norms always in f32, and the byte-level BPE tokenizer (`gpt2`:
 tokens, token types, merges, special ids, chat template). llama.cpp and transformers' GGUF loader
 (`from_pretrained(folder, gguf_file=name)`) both read it.
+
+`--quantize q8_0|q4_0|...` quantizes the 2-D weights with the gguf package's own quantizers
+(`gguf.quants.quantize`, the code llama.cpp's convert_hf_to_gguf.py uses for --outtype q8_0); a matrix
+whose rows are not whole blocks stays f16, and under 4-bit types the token embedding (tied to the output
+layer, the most sensitive matrix) is q8_0. bench/gguf_roundtrip.py checks that llama.cpp runs the files.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from lmtune.config import ExportConfig
 from lmtune.errors import LmtuneError
 
 SUPPORTED = ("llama",)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # llama.cpp reads them all
 
 
 def load_merged(name: str):
@@ -87,9 +93,54 @@ def write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def ggml_type(name: str):
+    """The gguf.GGMLQuantizationType for --quantize/--dtype NAME, if the gguf package can write it; else
+    a one-line error (checked before any model is loaded)."""
+    import gguf
+    import numpy as np
+
+    qtype = getattr(gguf.GGMLQuantizationType, name.upper(), None) if name.lower() in GGUF_TYPES else None
+    try:
+        if qtype is None:
+            raise NotImplementedError
+        gguf.quants.quantize(np.zeros((1, 256), dtype=np.float32), qtype)
+    except (NotImplementedError, gguf.quants.QuantError):
+        raise LmtuneError(f"--quantize {name}: lmtune cannot write this GGUF type with the gguf package "
+                          f"(v{_gguf_version()}); use one of {', '.join(GGUF_TYPES)} (K-quants: llama.cpp's "
+                          "llama-quantize on an f16 export)") from None
+    return qtype
+
+
+def _gguf_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("gguf")
+
+
+def weight_data(data, qtype, gguf_name: str):
+    """(floats, or quantized bytes; raw shape; raw type) of one tensor for GGUFWriter.add_tensor."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGMLQuantizationType
+    if data.ndim != 2:  # norms stay f32, as llama.cpp keeps them
+        return data, None, None
+    if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1) and gguf_name == "token_embd.weight":
+        qtype = T.Q8_0
+    if qtype not in (T.F32, T.F16) and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = T.F16  # rows that are not whole blocks: f16, as convert_hf_to_gguf.py falls back
+    if qtype == T.F32:
+        return data, None, None
+    if qtype == T.F16:
+        return data.astype(np.float16), None, None
+    return gguf.quants.quantize(data, qtype), None, qtype  # bytes; the writer derives the shape from them
+
+
 def write_gguf(model, tokenizer, path: Path, dtype: str, name: str) -> None:
     import gguf
     import numpy as np
+
+    qtype = ggml_type(dtype)
 
     cfg = model.config
     check_architecture(cfg)
@@ -108,7 +159,9 @@ def write_gguf(model, tokenizer, path: Path, dtype: str, name: str) -> None:
     w.add_rope_freq_base(float(rope_theta))
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    file_type = "ALL_F32" if dtype == "f32" else f"MOSTLY_{dtype.upper()}"
+    if hasattr(gguf.LlamaFileType, file_type):
+        w.add_file_type(getattr(gguf.LlamaFileType, file_type))
     write_tokenizer(w, tokenizer, cfg.vocab_size)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
@@ -124,9 +177,8 @@ def write_gguf(model, tokenizer, path: Path, dtype: str, name: str) -> None:
             data = permute_rotary(data, heads)
         elif hf_name.endswith("k_proj.weight"):
             data = permute_rotary(data, kv_heads)
-        if dtype == "f16" and data.ndim == 2:  # norms stay f32, as llama.cpp keeps them
-            data = data.astype(np.float16)
-        w.add_tensor(gguf_name, np.ascontiguousarray(data))
+        data, raw_shape, raw_dtype = weight_data(data, qtype, gguf_name)
+        w.add_tensor(gguf_name, np.ascontiguousarray(data), raw_shape=raw_shape, raw_dtype=raw_dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -145,6 +197,11 @@ def export(cfg: ExportConfig) -> Path:
     if cfg.format == "safetensors" and (out.is_file() or out.suffix == ".gguf"):
         raise LmtuneError(f"--out {cfg.out}: --format safetensors writes a folder; give a folder name")
     check_out(cfg.out, cfg.overwrite, files.local_inputs(model=cfg.model, config=getattr(cfg, "_config_file", "")))
+    gguf_type = (cfg.quantize or cfg.dtype).lower()
+    if cfg.format == "gguf":
+        ggml_type(gguf_type)
+    elif cfg.quantize:
+        raise LmtuneError("--quantize is for --format gguf; a safetensors export keeps the model's weights")
     model, tokenizer = load_merged(cfg.model)
     if cfg.format == "safetensors":
         meta = models.read_lmtune_file(models.resolve(cfg.model))
@@ -155,8 +212,8 @@ def export(cfg: ExportConfig) -> Path:
             out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")  # never leave a half-written .gguf where a reader looks
         with files.writing(f"--out {out}", tmp):
-            write_gguf(model, tokenizer, tmp, cfg.dtype, Path(cfg.model).name or cfg.model)
+            write_gguf(model, tokenizer, tmp, gguf_type, Path(cfg.model).name or cfg.model)
             tmp.replace(out)
-    print(f"exported {cfg.model} to {out} ({cfg.format}{', ' + cfg.dtype if cfg.format == 'gguf' else ''})",
+    print(f"exported {cfg.model} to {out} ({cfg.format}{', ' + gguf_type if cfg.format == 'gguf' else ''})",
           file=sys.stderr)
     return out

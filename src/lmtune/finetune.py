@@ -77,8 +77,15 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     from lmtune.train.checkpoint import check_out_dir, create_out_dir, discard_if_failed_early
     from lmtune.train.loop import fit, mean_loss
 
+    from lmtune import device
+
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     distributed.setup(cfg.distributed)
+    dev = device.settle(cfg)  # --device checked and --bf16's default set before anything is read or loaded
+    if cfg.quantize == "4bit":
+        if not cfg.lora:
+            raise LmtuneError("--quantize 4bit trains a LoRA adapter on a frozen 4-bit base: add --lora")
+        models.check_4bit(dev)
     inputs = files.local_inputs(data=cfg.data, eval_data=cfg.eval_data, model=cfg.model,
                                 config=getattr(cfg, "_config_file", ""))
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite, inputs, settings=to_dict(cfg))
@@ -119,7 +126,8 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     models.save_activation_memory(model, cfg)
     total, trainable = models.count_parameters(model)
 
-    meta = {"base_model": cfg.model, **meta, "lora": cfg.lora}
+    meta = {"base_model": cfg.model, **meta, "lora": cfg.lora,
+            **({"quantize": cfg.quantize} if cfg.quantize != "none" else {})}
     coll = task.collate(tokenizer, meta)
 
     history = []  # every validation's metrics; with a retain set the first is the base model's (step 0)

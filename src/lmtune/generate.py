@@ -22,11 +22,12 @@ def format_prompt(tokenizer, meta: dict, prompt: str, template: str) -> str:
 def generate(cfg: GenerateConfig) -> str:
     import torch
 
-    from lmtune import models
+    from lmtune import device, models
     from lmtune.decode import Decoder
     from lmtune.generation.sampling import stop_ids
 
-    model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None)
+    dev = device.settle(cfg)
+    model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None, device=dev)
     meta = models.read_lmtune_file(models.resolve(cfg.model))
     text = format_prompt(tokenizer, meta, cfg.prompt, cfg.template)
     ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template)["input_ids"]

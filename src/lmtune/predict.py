@@ -30,9 +30,13 @@ def predict(cfg: PredictConfig) -> Path:
     files.check_replaceable(out, cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    from lmtune import device
+
+    dev = device.settle(cfg)
     task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
     rows = task.read(cfg.data, cfg, targets=False)
     model, tokenizer, meta = task.load(cfg.model, cfg)
+    model = model.to(dev)
     preds = task.predict(model, tokenizer, rows, cfg, meta)
     tmp = None
     with files.writing(f"--out {out}"):

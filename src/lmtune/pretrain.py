@@ -120,7 +120,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from lmtune.train.checkpoint import check_out_dir, create_out_dir, discard_if_failed_early
     from lmtune.train.loop import fit, mean_loss
 
+    from lmtune import device
+
     distributed.setup(cfg.distributed)
+    device.settle(cfg)  # --device checked and --bf16's default set before anything is read or built
     tokenizer_path = cfg.tokenizer if cfg.tokenizer not in ("bpe", "char") else ""
     inputs = files.local_inputs(data=cfg.data, tokenizer=tokenizer_path, model_config=cfg.model_config,
                                 config=getattr(cfg, "_config_file", ""))

@@ -492,13 +492,16 @@ def load_model(cfg: ServeConfig):
     from lmtune import models
     from lmtune.config import PredictConfig
 
+    from lmtune import device
+
+    dev = device.settle(cfg)
     meta = models.read_lmtune_file(models.resolve(cfg.model))
     task = meta.get("task")
     if task in TASK_ROUTES.values():
         module = importlib.import_module(f"lmtune.tasks.{task}")
         model, tokenizer, task_meta = module.load(cfg.model, PredictConfig(model=cfg.model, task=task))
-        return model, tokenizer, {**meta, **task_meta}
-    model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None)
+        return model.to(dev), tokenizer, {**meta, **task_meta}
+    model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None, device=dev)
     return model, tokenizer, meta
 
 

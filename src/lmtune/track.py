@@ -53,7 +53,7 @@ def _tensorboard(out: Path, resume_step: int | None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        _note_once("tensorboard", "tensorboard is not installed: no event files (pip install tensorboard)")
+        _note_once("tensorboard", "tensorboard is not installed: no event files (pip install 'lmtune[track]')")
         return None
     writer = SummaryWriter(str(out), purge_step=resume_step)
 

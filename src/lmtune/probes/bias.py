@@ -105,7 +105,7 @@ def classifier_proba(meta: dict):
                 batch = collate_inputs([{"input_ids": ids} for ids in enc["input_ids"]], tokenizer.pad_token_id)
                 if "token_type_ids" in enc:
                     batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
-                out += model(**batch).logits.float().softmax(-1).tolist()
+                out += model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().softmax(-1).tolist()
         return out
     return predict_proba
 
@@ -166,10 +166,10 @@ def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> fl
 
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([p + c])
+    ids = torch.tensor([p + c], device=model.device)
     model.eval()
     with torch.no_grad():
-        logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1).cpu()
     picked = logp[torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c)]
     return float(picked.mean())
 

@@ -57,7 +57,7 @@ def load(name: str, cfg, train_rows: list[dict] | None = None):
     if train_rows and len(labels) < 2:
         raise LmtuneError(f"--data: column '{cfg.label_column}' has one label only ({labels[0]}); "
                           "classification needs at least two")
-    model, tok, path = models.load_for_task(name, "classify", HEAD, labels=labels)
+    model, tok, path = models.load_for_task(name, "classify", HEAD, labels=labels, **models.load_options(cfg))
     return model, tok, {"task": "classify", "head": HEAD, "kind": models.model_kind(path), "labels": labels}
 
 
@@ -100,6 +100,8 @@ def _log_probs(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list:
     """Log-probabilities over the label set, one row of floats per input row, in input order."""
     import torch
 
+    from lmtune.device import of, to
+
     examples = encode([{cfg.text_column: r[cfg.text_column]} for r in rows], tokenizer, cfg, meta, "")
     # batches of rows of similar length (shortest first), so little is computed on padding; each row's
     # result does not depend on its batch-mates (padding is masked), and results go back in input order
@@ -109,7 +111,7 @@ def _log_probs(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list:
     with torch.no_grad():
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            logp = model(**coll([examples[j] for j in idx])).logits.float().log_softmax(-1)
+            logp = model(**to(coll([examples[j] for j in idx]), of(model))).logits.float().log_softmax(-1)
             for j, row in zip(idx, logp.tolist()):
                 out[j] = row
     return out

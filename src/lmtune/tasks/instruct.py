@@ -175,7 +175,7 @@ def respond(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batc
     try:
         for i in range(0, len(prompts), batch_size):
             texts = [prompt_text(tokenizer, p) for p in prompts[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
@@ -243,7 +243,7 @@ def from_sharegpt(row: dict, path: str, cfg) -> dict:
 def load(name: str, cfg, train_rows: list[dict] | None = None):
     from lmtune import models
 
-    model, tokenizer, _ = models.load_for_task(name, "instruct", HEAD)
+    model, tokenizer, _ = models.load_for_task(name, "instruct", HEAD, **models.load_options(cfg))
     if getattr(cfg, "chat_template", ""):  # saved with the model's tokenizer, so generate and chat use it too
         from pathlib import Path
 

@@ -46,7 +46,7 @@ def load(name: str, cfg, train_rows: list[dict] | None = None):
     kind = models.model_kind(models.resolve(name))
     if kind != "decoder":
         raise LmtuneError(f"model {name} is an {kind} model: perplexity (--task lm) needs a causal LM")
-    model, tok, _ = models.load_for_task(name, "lm", "causal")
+    model, tok, _ = models.load_for_task(name, "lm", "causal", **models.load_options(cfg))
     return model, tok, {"task": "lm", "head": "causal", "kind": kind}
 
 
@@ -80,7 +80,7 @@ def perplexity(model, tokenizer, text: str, max_length: int, stride: int) -> dic
     model.eval()
     for begin in range(0, len(ids), stride):
         end = min(begin + max_length, len(ids))
-        window = torch.tensor([ids[begin:end]])
+        window = torch.tensor([ids[begin:end]], device=model.device)
         labels = window.clone()
         labels[:, :-(end - prev_end)] = IGNORE  # already scored by the previous window
         with torch.no_grad():

@@ -93,7 +93,7 @@ def load(name: str, cfg, train_rows: list[dict] | None = None):
         raise LmtuneError(f"model {name} is an encoder-decoder: qa supports encoders (extractive) and "
                           "decoders (generative)")
     head = "qa_span" if kind == "encoder" else "causal"
-    model, tok, _ = models.load_for_task(name, "qa", head)
+    model, tok, _ = models.load_for_task(name, "qa", head, **models.load_options(cfg))
     if head == "qa_span" and not tok.is_fast:
         raise LmtuneError(f"model {name}: extractive qa needs a fast tokenizer (tokenizer.json) for offsets")
     return model, tok, {"task": "qa", "head": head, "kind": kind}
@@ -187,7 +187,7 @@ def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
         feats = [{"input_ids": ids, **({"token_type_ids": enc["token_type_ids"][w]} if "token_type_ids" in enc
                                        else {})} for w, ids in enumerate(enc["input_ids"])]
         with torch.no_grad():
-            out = model(**collate_inputs(feats, tokenizer.pad_token_id))
+            out = model(**{k: v.to(model.device) for k, v in collate_inputs(feats, tokenizer.pad_token_id).items()})
         for w in range(len(feats)):
             row = i + enc["overflow_to_sample_mapping"][w]
             n = len(feats[w]["input_ids"])

@@ -76,7 +76,7 @@ def load(name: str, cfg, train_rows: list[dict] | None = None):
         raise LmtuneError("translate with a decoder model needs the language names for its prompt: "
                           "give --source-lang and --target-lang (e.g. English, German)")
     meta.update(source_lang=src, target_lang=tgt)
-    model, tok, _ = models.load_for_task(name, "translate", meta["head"])
+    model, tok, _ = models.load_for_task(name, "translate", meta["head"], **models.load_options(cfg))
     return model, tok, meta
 
 
@@ -134,7 +134,7 @@ def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
     model.eval()
     for i in range(0, len(rows), cfg.batch_size):
         enc = tokenizer([r["source"] for r in rows[i:i + cfg.batch_size]], return_tensors="pt", padding=True,
-                        truncation=True, max_length=cfg.max_length)
+                        truncation=True, max_length=cfg.max_length).to(model.device)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1)
         out += [{"translation": t.strip()} for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]

@@ -112,9 +112,14 @@ def unwrap(model):
     return model.module.model if isinstance(getattr(model, "module", None), _LossModule) else model
 
 
-def place(model):
-    """Move the model to this rank's GPU when there is one (before the optimizer is built)."""
-    return model.to(f"cuda:{world().local_rank}") if torch.cuda.is_available() else model
+def place(model, device=None):
+    """Move the model to `device` (lmtune.device.resolve: under torchrun, cuda is this rank's GPU), before
+    the optimizer is built; without one, to this rank's GPU when there is one."""
+    if device is None:
+        device = torch.device("cuda", world().local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if all(p.device == device for p in model.parameters()):  # there already (a 4-bit model is placed on load)
+        return model
+    return model.to(device)
 
 
 def all_sum(values: list[float]) -> list[float]:

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 
 from lmtune.data.batching import count_targets
+from lmtune.device import of as device_of
+from lmtune.device import resolve as resolve_device
+from lmtune.device import to as to_device
 from lmtune.errors import LmtuneError
 from lmtune.track import MetricsLog
 from lmtune.train import distributed
@@ -118,27 +121,22 @@ def mean_loss(model, examples, collate: Callable, loss_fn: Callable, batch_size:
     """Loss per target token over `examples` (validation)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, dev = 0.0, 0, device_of(model)
     for i in range(0, len(examples), batch_size):
-        s, n = loss_fn(model, collate([examples[j] for j in range(i, min(i + batch_size, len(examples)))]))
+        s, n = loss_fn(model, to_device(collate([examples[j] for j in range(i, min(i + batch_size, len(examples)))]), dev))
         total, count = total + float(s), count + n
     model.train(was_training)
     return total / max(count, 1)
 
 
-def peak_memory_mb() -> float:
-    """Peak memory of this process so far: GPU memory allocated on a GPU, resident memory on the CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    # VmHWM, not ru_maxrss: a process started by fork+exec inherits its parent's ru_maxrss (a test
-    # runner or a sweep that has loaded models), while VmHWM belongs to this process's memory alone
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        import resource
+def peak_memory_mb(dev=None) -> float:
+    """Peak memory of this process so far on `dev` (default: the GPU when there is one): GPU memory
+    allocated on CUDA, the resident set on the CPU (lmtune.device.peak_memory_mb)."""
+    from lmtune import device
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if dev is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return device.peak_memory_mb(dev)
 
 
 def _rows(examples: list[dict], idx: list[int]) -> list[dict]:
@@ -209,7 +207,7 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
     out, w = Path(out), distributed.world()
     steps = plan.total if plan else total_steps(cfg, len(examples))
     # DDP needs the forward to run through its wrapper: the wrapper's forward is the task's loss
-    model = distributed.place(model)
+    model = distributed.place(model, resolve_device(getattr(cfg, "device", "auto")))
     device = next(model.parameters()).device
     if matmul_attention_pays(cfg, examples, device) and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # for this run only: the saved config does not keep it
@@ -305,7 +303,7 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
             last = {"step": step + 1, "loss": loss_sum / max(n_items, 1), "lr": lr,
                     "grad_norm": float(grad_norm), "tokens_per_s": n_tokens / dt,
                     "target_tokens_per_s": n_targets / dt, "target_tokens": n_targets, "tokens": n_tokens,
-                    "elapsed_s": time.perf_counter() - t_start, "peak_mem_mb": peak_memory_mb()}
+                    "elapsed_s": time.perf_counter() - t_start, "peak_mem_mb": peak_memory_mb(device)}
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 log.write({**last, "planned_steps": plan.total} if plan else last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_seen / last['elapsed_s']:.0f}")

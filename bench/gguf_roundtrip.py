@@ -1,0 +1,132 @@
+"""Does llama.cpp run what `lmtune export --format gguf` writes? For SmolLM2-135M and a LoRA merged into it,
+each of f16, q8_0 and q4_0: export, load the file with llama.cpp (llama-cpp-python), and compare its greedy
+continuation of 8 chat prompts with lmtune's own (the fp32 model, `lmtune.decode`), token for token.
+
+    python bench/gguf_roundtrip.py                 # installs llama-cpp-python if missing (requirements-bench.txt)
+    python bench/gguf_roundtrip.py --tokens 8 --types f16,q8_0
+
+Required: f16 equal on 8 of 8 prompts, q8_0 on at least 7 of 8 (q4_0 is reported, not required: 4-bit
+weights change some greedy choices). Also checked: llama.cpp's tokenizer, read from the GGUF, gives the
+same ids as the Hugging Face one. llama-cpp-python compiles llama.cpp from source (minutes); with a
+wheel built once (`pip wheel llama-cpp-python -w DIR`), `PIP_FIND_LINKS=DIR` makes pip use it.
+Exit 1 if a required row fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three primary colours.",
+           "Explain what a CPU does in one sentence.", "Translate 'good morning' into Spanish.",
+           "What is 12 times 7?", "Give me a tip for learning Python.", "Rewrite 3 May 2021 as YYYY-MM-DD."]
+NEEDED = {"f16": 8, "q8_0": 7}
+
+
+def ensure_llama_cpp():
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("installing llama-cpp-python (builds llama.cpp unless PIP_FIND_LINKS has a wheel)...", flush=True)
+        line = next(r for r in (ROOT / "requirements-bench.txt").read_text().splitlines() if r.startswith("llama"))
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", line.split("#")[0].strip()], check=True)
+    import llama_cpp
+
+    return llama_cpp
+
+
+def random_lora(out: Path) -> Path:
+    """A LoRA adapter on SmolLM2 with random, non-zero A and B (small, so that the model stays coherent),
+    saved as finetune saves one: exporting it merges it into the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lmtune import models
+
+    base, tok = models.load_causal_lm("smollm2-135m")
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+    out.mkdir(parents=True, exist_ok=True)
+    models.save_model(model, tok, out, {"base_model": "smollm2-135m", "task": "instruct", "lora": True})
+    return out
+
+
+def lmtune_greedy(model_name: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """lmtune's greedy tokens (fp32, the model as `export` reads it: an adapter merged), one prompt at a time."""
+    from lmtune import export
+    from lmtune.decode import Decoder
+
+    model, tok = export.load_merged(model_name)
+    decoder = Decoder(model)
+    return [decoder.generate([p], n, eos_ids=(), pad_id=tok.pad_token_id)[0].tolist() for p in prompts]
+
+
+def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    got = []
+    for _ in range(n):
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        got.append(t)
+        llm.eval([t])
+    return got
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=16, help="greedy tokens per prompt")
+    ap.add_argument("--types", default="f16,q8_0,q4_0")
+    ap.add_argument("--out", default="", help="folder for the exported files (default: a temporary one)")
+    args = ap.parse_args()
+    llama_cpp = ensure_llama_cpp()
+    from lmtune import models
+    from lmtune.cli import main as lmtune_main
+    from lmtune.tasks import instruct
+
+    work = Path(args.out or tempfile.mkdtemp(prefix="lmtune-gguf-"))
+    sources = {"smollm2-135m": "smollm2-135m", "smollm2-135m + LoRA": str(random_lora(work / "lora"))}
+    rows, failed = [], False
+    for label, name in sources.items():
+        tok = models.load_tokenizer(models.resolve(name))
+        texts = [instruct.prompt_text(tok, p) for p in PROMPTS]
+        prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        ours = lmtune_greedy(name, prompts, args.tokens)
+        for qtype in args.types.split(","):
+            path = work / f"{label.replace(' + ', '-').replace(' ', '')}-{qtype}.gguf"
+            try:
+                lmtune_main(["export", "--model", name, "--out", str(path), "--quantize", qtype, "--overwrite"])
+            except SystemExit as e:
+                if e.code:
+                    raise
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
+            same_tok = all(llm.tokenize(t.encode(), add_bos=False, special=True) == p for t, p in zip(texts, prompts))
+            agree = sum(llama_greedy(llm, p, args.tokens) == o for p, o in zip(prompts, ours))
+            need = NEEDED.get(qtype)
+            ok = need is None or agree >= need
+            failed |= not ok
+            rows.append((label, qtype, path.stat().st_size / 2**20, same_tok, agree, need, ok))
+            del llm
+    print(f"\nllama-cpp-python {llama_cpp.__version__}; greedy continuations of {len(PROMPTS)} chat prompts, "
+          f"{args.tokens} tokens each, against lmtune's fp32 decoding\n")
+    print(f"{'model':<22} {'type':<6} {'file MB':>8} {'tokenizer':>10} {'same greedy':>12} {'needed':>7}  result")
+    for label, qtype, mb, same_tok, agree, need, ok in rows:
+        print(f"{label:<22} {qtype:<6} {mb:>8.1f} {'same' if same_tok else 'DIFFERS':>10} "
+              f"{f'{agree}/{len(PROMPTS)}':>12} {need if need else '-':>7}  {'ok' if ok else 'FAIL'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

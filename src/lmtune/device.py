@@ -1,0 +1,113 @@
+"""Where a verb runs its model: the one function that turns `--device` into a torch device, and what
+follows from it (bf16 by default on CUDA that has it, the device's peak memory).
+
+    dev = resolve("auto")          # cuda (cuda:LOCAL_RANK under torchrun), else mps, else cpu
+    bf16 = use_bf16(None, dev)     # --bf16 not given: on for a CUDA device with bf16, off elsewhere
+"""
+
+from __future__ import annotations
+
+import os
+
+from lmtune.errors import LmtuneError
+
+CHOICES_HELP = ("Where to run the model: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps "
+                "(under torchrun, cuda means each process's own GPU).")
+
+
+def resolve(name: str = "auto"):
+    """The torch.device for a --device value; a one-line error for one this machine does not have."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local)
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not _mps_available():
+            raise LmtuneError("--device mps: no Apple MPS device here; use --device auto or cpu")
+        return torch.device("mps")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise LmtuneError(f"--device {name}: no CUDA device here (torch {torch.__version__}, "
+                              f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); "
+                              "use --device auto or cpu")
+        index = local if name == "cuda" else name.split(":", 1)[1]
+        if not str(index).isdigit() or int(index) >= torch.cuda.device_count():
+            raise LmtuneError(f"--device {name}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", int(index))
+    raise LmtuneError(f"--device {name!r}: give auto, cpu, cuda, cuda:N or mps")
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def use_bf16(flag: bool | None, device) -> bool:
+    """--bf16 as given, or when not given: on for a CUDA device that supports bf16, off elsewhere."""
+    import torch
+
+    if flag is not None:
+        return bool(flag)
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def peak_memory_mb(device=None) -> float:
+    """Peak memory of this process on `device`: allocated GPU memory on CUDA, resident set elsewhere."""
+    import torch
+
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device is not None and device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
+    return host_peak_rss_mb()
+
+
+def host_peak_rss_mb() -> float:
+    # VmHWM, not ru_maxrss: a process started by fork+exec inherits its parent's ru_maxrss (a test
+    # runner's), while VmHWM is this process's own peak
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (timings of GPU work are meaningless without it)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def settle(cfg):
+    """The torch.device of `cfg.device`, with `cfg.bf16` (None: not given) set to that device's default,
+    in place and before anything is loaded. Every verb that runs a model starts with it."""
+    dev = resolve(getattr(cfg, "device", "auto"))
+    if hasattr(cfg, "bf16"):
+        cfg.bf16 = use_bf16(cfg.bf16, dev)
+    return dev
+
+
+def of(model):
+    """The device a model's (first) parameter lives on."""
+    return next(model.parameters()).device
+
+
+def to(batch, dev):
+    """A batch (dict of tensors, or a BatchEncoding) with its tensors on `dev`."""
+    return {k: v.to(dev) if hasattr(v, "to") else v for k, v in batch.items()}
