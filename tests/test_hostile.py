@@ -725,6 +725,20 @@ def test_file_system_faults(case, tmp_path, fx, capsys, monkeypatch):
         assert not left, left  # no temporary file or folder stays behind
 
 
+def test_out_may_be_a_mount_point(tmp_path, fx, capsys):
+    """A container's volume as --out: an empty mount point is used in place, and --overwrite of a run in it
+    replaces what it holds (a mount point cannot be renamed, so no swap)."""
+    data = w(tmp_path, "d.jsonl", GOOD)
+    with tmpfs(tmp_path / "vol", "64m") as vol:
+        argv = ["finetune", "--model", str(fx["tiny"]), "--data", str(data), "--out", str(vol), "--lora",
+                "--max-steps", "1", "--max-length", "96"]
+        assert run_cli(argv) == 0, capsys.readouterr().err[-2000:]
+        w(vol, "stale.txt", "old")
+        assert run_cli(argv + ["--overwrite"]) == 0, capsys.readouterr().err[-2000:]
+        assert (vol / "run.json").is_file() and (vol / "adapter_model.safetensors").is_file()
+        assert not (vol / "stale.txt").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. The server: every field of a request works or is a 400 that names it.
 

@@ -122,6 +122,12 @@ def swap_in(tmp: Path, out: Path) -> Path:
     with writing(str(out), tmp):
         if not out.exists() and not out.is_symlink():
             os.rename(tmp, out)
+        elif out.is_dir() and os.path.ismount(out):  # a mount point cannot be renamed: replace what it holds
+            for child in list(out.iterdir()):
+                remove(child)
+            for child in list(tmp.iterdir()):
+                shutil.move(str(child), str(out / child.name))
+            remove(tmp)
         elif out.is_dir() and tmp.is_dir() and not out.is_symlink() and _exchange(tmp, out):
             remove(tmp)  # after the exchange it holds the old folder
         elif out.is_dir() and not out.is_symlink():

@@ -312,13 +312,19 @@ def create_out_dir(out: str, resume: bool, overwrite: bool, prepare=None) -> Pat
                 p.mkdir(parents=True, exist_ok=True)
             if prepare:
                 prepare(p)
+        elif p.is_dir() and (not any(p.iterdir()) or os.path.ismount(p)):
+            # an empty folder has nothing to replace, and a mount point (a container's volume) cannot be
+            # renamed: the run is made in place (what a mount point held, an lmtune run, was checked)
+            with files.writing(f"--out {out}"):
+                for child in list(p.iterdir()):
+                    files.remove(child)
+                if prepare:
+                    prepare(p)
         else:
             tmp = files.new_sibling(p)
             with files.writing(f"--out {out}", tmp):
                 if prepare:
                     prepare(tmp)
-            if p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
             files.swap_in(tmp, p)
     distributed.barrier()
     return p
