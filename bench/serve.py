@@ -71,7 +71,9 @@ def command(server: str, folder: str, port: int, threads: int, max_batch: int) -
         raise RuntimeError("llama-cpp-python is not installed: pip install 'llama-cpp-python[server]' "
                            "(or the wheel in /work/wheels)")
     return [py, "-m", "llama_cpp.server", "--model", gguf_file(), "--host", "127.0.0.1", "--port", str(port),
-            "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads)], "bench"
+            "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads),
+            # by default a new request interrupts the running stream; it serves one request at a time
+            "--interrupt_requests", "False"], "bench"
 
 
 def start(argv: list[str], port: int, threads: int, log: Path) -> subprocess.Popen:
