@@ -134,7 +134,7 @@ def positive_share(model_name: str, judge: str, prompts: list[str], args) -> tup
     completions = instruct.respond(model, tok, prompts, max_new_tokens=args.max_new_tokens)
     del model
     jmodel, jtok, meta = classify.load(judge, SimpleNamespace(label_column="label"))
-    cfg = SimpleNamespace(text_column="text", batch_size=32, max_length=64)
+    cfg = SimpleNamespace(text_column="text", label_column="label", batch_size=32, max_length=64)
     labels = [p["label"] for p in classify.predict(jmodel, jtok, [{"text": c} for c in completions], cfg, meta)]
     return 100.0 * sum(lab == "1" for lab in labels) / max(len(labels), 1), completions
 
