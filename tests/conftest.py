@@ -45,6 +45,18 @@ def pytest_sessionfinish(session, exitstatus):
 _USER_CACHE_BEFORE = pytest.StashKey[set]()
 
 
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """A verb run in-process with --threads N sets torch's thread count for the whole process: give it back
+    after each test, so one test's --threads 1 does not make every later test single-threaded."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory) -> Path:
     """This session's own lmtune cache; the tests share it (SmolLM2's GGUF is converted once into it)."""
