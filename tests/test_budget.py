@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
 def args(d: Path, out: Path, budget: str) -> list[str]:
     return ["finetune", "--model", d / "tiny", "--data", d / "d.jsonl", "--out", out, "--budget", budget,
             "--val-split", "0.1", "--eval-every", "15", "--batch-size", "4", "--max-length", "64",
-            "--save-every", "10"]
+            "--save-every", "10", "--retain-data", "none"]  # retention's generation is not what is tested
 
 
 @pytest.mark.parametrize("extra,words", [(["--max-steps", "5"], "not both"), (["--epochs", "2"], "not both"),

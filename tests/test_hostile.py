@@ -39,7 +39,7 @@ def lora_run(tmp_path_factory, tiny_chat_model):
     out = d / "run"
     assert run_cli(["finetune", "--model", tiny_chat_model, "--data", data, "--out", out, "--lora", "--lora-r", 2,
                     "--max-steps", 3, "--save-every", 1, "--keep-checkpoints", 3, "--batch-size", 2,
-                    "--max-length", 96]) == 0
+                    "--max-length", 96, "--retain-data", "none"]) == 0  # retention: tests/test_retention.py
     return out
 
 
@@ -178,7 +178,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
 DATA = {  # name: (file name, content, task, extra args, pattern)
     "missing": ("none.jsonl", None, "instruct", [], r"data file .*none.jsonl not found"),
     "empty": ("e.jsonl", "", "instruct", [], r"e.jsonl is empty"),
-    "folder": ("dir.jsonl", "DIR", "instruct", [], r"is a folder: give a file"),
+    "folder": ("dir.jsonl", "DIR", "instruct", [], r"is a folder: give a file|holds no \.jsonl"),
     "unknown-format": ("d.xml", "<a/>", "instruct", [], r"unknown data format '.xml'"),
     "jsonl-malformed": ("m.jsonl", GOOD + '{"prompt": "a",\n', "instruct", [], r"m.jsonl:9: malformed JSON"),
     "jsonl-torn-last-line": ("t.jsonl", GOOD + '{"prompt": "a", "compl', "instruct", [], r"t.jsonl:9: malformed"),
@@ -216,7 +216,7 @@ DATA = {  # name: (file name, content, task, extra args, pattern)
                           r"field 'text' must be text"),
     "parquet-random": ("r.parquet", os.urandom(300), "classify", [], r"r.parquet: not a readable Parquet file"),
     "instruct-role-bot": ("r.jsonl", '{"messages": [{"role": "bot", "content": "x"}]}\n', "instruct", [],
-                          r"r.jsonl:1: message 1 must have a role \(system, user, assistant\)"),
+                          r"r.jsonl:1: message 1 must have a role \((human, user, gpt, assistant, |)system(, user, assistant|)\)"),
     "instruct-content-object": ("c.jsonl", '{"messages": [{"role": "user", "content": {"a": 1}}, '
                                 '{"role": "assistant", "content": "b"}]}\n', "instruct", [],
                                 r"message 1: 'content' must be a string or a list"),
@@ -253,10 +253,11 @@ DATA = {  # name: (file name, content, task, extra args, pattern)
                           r"field 'question' is empty"),
     "qa-squad-no-qas": ("s.json", '{"data": [{"paragraphs": [{"context": "abc"}]}]}', "qa", [], r"not SQuAD JSON"),
     "pretrain-latin1": ("t.txt", "hello\nw\xf6rld\n".encode("latin-1"), "PRETRAIN", [], r"t.txt: not UTF-8 \(line 2"),
-    "pretrain-whitespace": ("w.txt", "  \n\n \n", "PRETRAIN", [], r"w.txt holds only whitespace"),
-    "pretrain-gz-random": ("r.txt.gz", os.urandom(64), "PRETRAIN", [], r"r.txt.gz: cannot read it"),
+    "pretrain-whitespace": ("w.txt", "  \n\n \n", "PRETRAIN", [], r"w.txt holds only whitespace|w.txt: no text"),
+    "pretrain-gz-random": ("r.txt.gz", os.urandom(64), "PRETRAIN", [], r"r.txt.gz: cannot (be )?read"),
     "pretrain-tokenizer-missing": ("s.txt", "abc\n" * 40, "PRETRAIN", ["--tokenizer", "/nonexistent/tok"],
-                                   r"--tokenizer /nonexistent/tok: not 'bpe', 'char' or a tokenizer folder"),
+                                   r"--tokenizer /nonexistent/tok: not 'bpe', 'char' or a tokenizer folder|"
+                                   r"'/nonexistent/tok' not found"),
     "evaluate-latin1": ("l.jsonl", LATIN1, "EVALUATE", [], r"l.jsonl: not UTF-8"),
     "predict-latin1": ("l.jsonl", LATIN1, "PREDICT", [], r"l.jsonl: not UTF-8"),
 }
@@ -564,7 +565,7 @@ def _run_copy(fx, t: Path) -> tuple[Path, Path]:
 def _resume_argv(fx, run, data, *extra):
     return ["finetune", "--model", str(fx["tiny"]), "--data", str(data), "--out", str(run), "--lora", "--lora-r", "2",
             "--max-steps", "4", "--save-every", "1", "--keep-checkpoints", "3", "--batch-size", "2",
-            "--max-length", "96", "--resume", *extra]
+            "--max-length", "96", "--retain-data", "none", "--resume", *extra]
 
 
 @pytest.mark.parametrize("change,pattern", [

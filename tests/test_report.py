@@ -21,7 +21,8 @@ def test_run_files_and_report(tmp_path, capsys):
     for lr in (3e-3, 3e-4):
         out = tmp_path / f"run-{lr}"
         finetune(FinetuneConfig(model=str(base), data=str(data), eval_data=str(val), out=str(out), max_steps=6,
-                                eval_every=3, batch_size=8, learning_rate=lr, threads=1, report_to="wandb"))
+                                eval_every=3, batch_size=8, learning_rate=lr, threads=1, report_to="wandb",
+                                retain_data="none"))
         runs.append(out)
     info = json.loads((runs[0] / "run.json").read_text())
     import hashlib

@@ -178,7 +178,8 @@ def test_lifecycle_in_the_browser(browser, tmp_path, tiny_chat_model, dates_json
         page.wait_for_function("() => +document.querySelector('#chart-loss')?.dataset.points == 16")
         steps = [r["step"] for r in read_metrics(ws / "a") if "loss" in r]
         assert steps == list(range(1, 17))  # resumed where it stopped: no step lost or repeated
-        assert int(page.get_attribute("#chart-val", "data-points")) == 4  # validations at steps 4, 8, 12, 16
+        # validations at steps 0 (the base model, with retention scored: tests/test_retention.py), 4, 8, 12, 16
+        assert int(page.get_attribute("#chart-val", "data-points")) == 5
         command = page.inner_text("#command")
         assert command.startswith("lmtune finetune ") and "--max-steps=16" in command and "--resume" not in command
         shoot(page, "run")

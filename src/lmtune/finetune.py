@@ -114,6 +114,13 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
         raise LmtuneError(f"--retain-data {cfg.retain_data}: retention is scored on causal LMs; --task {cfg.task} "
                           f"with {cfg.model} is not one (give --retain-data none)")
     retain = retention.RetainSet(retain_file, tokenizer, cfg.max_length, cfg.batch_size) if retain_file else None
+    if retain and not retain.fits(model):  # the built-in prompts may be longer than a small model can see
+        if cfg.retain_data != "auto":
+            raise LmtuneError(f"--retain-data {cfg.retain_data}: a prompt and its answer do not fit the "
+                              f"{model.config.max_position_embeddings} positions of {cfg.model}; shorten the prompts")
+        print(f"note: retention is not scored: the built-in general prompts do not fit the "
+              f"{model.config.max_position_embeddings} positions of {cfg.model}", file=sys.stderr)
+        retain = None
     if cfg.pack:
         if (meta["head"], meta["kind"]) != ("causal", "decoder"):
             raise LmtuneError(f"--pack works for causal LMs; --task {cfg.task} with {cfg.model} is not one")

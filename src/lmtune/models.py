@@ -172,6 +172,19 @@ PRESETS = {
 }
 
 
+def check_model_config(config_file: str) -> None:
+    """--model-config read and validated as a LlamaConfig now, before any data is prepared (one line if not)."""
+    from transformers import LlamaConfig
+
+    p = Path(config_file)
+    if not p.is_file():
+        raise LmtuneError(f"model config {config_file} not found: give a JSON file of LlamaConfig fields")
+    arch = files.read_json(p, "--model-config")
+    with files.loading(config_file, "--model-config", "give LlamaConfig fields with valid values "
+                       "(hidden_size divisible by num_attention_heads, ...)"):
+        LlamaConfig(**arch)
+
+
 def build_from_preset(size: str, tokenizer, max_length: int, config_file: str = ""):
     """A freshly initialised LlamaForCausalLM sized by a preset (or an explicit JSON config)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -129,6 +129,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                                 config=getattr(cfg, "_config_file", ""))
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite, inputs, settings=to_dict(cfg))
     seconds = budget.check(cfg)
+    if cfg.model_config:  # a damaged or invalid architecture file is one line before any data is prepared
+        models.check_model_config(cfg.model_config)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data_dir, manifest, tokenizer = prepared_data(cfg)

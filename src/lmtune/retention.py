@@ -79,6 +79,17 @@ def is_text(path: str) -> bool:
 class RetainSet:
     """The general set of one run, encoded once; `score(model)` gives retain_loss (and retain_agreement)."""
 
+    def fits(self, model) -> bool:
+        """Whether every prompt and its answer fit the positions the model has (a tiny model's 128 may not)."""
+        from lmtune.tasks import instruct
+
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if not self.prompts or not isinstance(limit, int):
+            return True
+        longest = max(len(self.tokenizer(instruct.prompt_text(self.tokenizer, p), add_special_tokens=False)
+                          ["input_ids"]) for p in self.prompts)
+        return longest + MAX_NEW_TOKENS <= limit
+
     def __init__(self, path: str, tokenizer, max_length: int, batch_size: int, out: Path | None = None):
         from lmtune.data.batching import collate
         from lmtune.data.readers import read_records, read_text
@@ -158,7 +169,8 @@ def replay_examples(spec: str, model, tokenizer, max_length: int, batch_size: in
         tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         os.replace(tmp, saved)
     rows = [{**p, "_line": i + 1} for i, p in enumerate(pairs)]
-    return instruct.encode_all(rows, tokenizer, max_length, str(saved))
+    # an empty answer is the base model's answer too (it ends its turn at once): replayed as it is
+    return instruct.encode_all(rows, tokenizer, max_length, str(saved), empty_ok=True)
 
 
 def mix(examples: list[dict], replay: list[dict], share: float) -> list[dict]:

@@ -131,9 +131,10 @@ def _text_documents(p: Path) -> Iterator[str]:
                 buf.append(line)
                 size += len(line)
                 after_blank = blank
-    except UnicodeDecodeError as e:
-        raise LmtuneError(f"{p}:{n + 1}: not UTF-8 text (byte {e.start} of the line): convert the file to UTF-8") \
-            from None
+    except UnicodeDecodeError:  # the one decoding boundary: the line and byte, found by streaming the file
+        from lmtune.files import not_utf8
+
+        raise not_utf8(p) from None
     except (OSError, EOFError) as e:
         raise LmtuneError(f"{p}: cannot be read ({e})") from None
     if buf:

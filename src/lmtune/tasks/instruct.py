@@ -112,9 +112,11 @@ def prompt_text(tokenizer, user_text: str) -> str:
     return render(tokenizer, [{"role": "user", "content": user_text}], add_generation_prompt=True)
 
 
-def encode_row(row: dict, tokenizer, max_length: int, path: str = "") -> tuple[dict | None, bool]:
-    """(example with input_ids/labels, was it truncated); the example is None if no target is left."""
-    msgs = to_messages(row, path)
+def encode_row(row: dict, tokenizer, max_length: int, path: str = "",
+               empty_ok: bool = False) -> tuple[dict | None, bool]:
+    """(example with input_ids/labels, was it truncated); the example is None if no target is left.
+    `empty_ok`: an empty answer is kept (self-replay: the base model answering nothing, then its end of turn)."""
+    msgs = to_messages(row, path, targets=not empty_ok)
     text = render(tokenizer, msgs)
     spans = []  # character spans of the assistant turns
     for i, m in enumerate(msgs):
@@ -134,11 +136,11 @@ def encode_row(row: dict, tokenizer, max_length: int, path: str = "") -> tuple[d
     return {"input_ids": ids, "labels": labels}, truncated
 
 
-def encode_all(rows: list[dict], tokenizer, max_length: int, path: str) -> list[dict]:
+def encode_all(rows: list[dict], tokenizer, max_length: int, path: str, empty_ok: bool = False) -> list[dict]:
     """Encode every row; truncation is warned about once, with counts (records are kept, cut at the end)."""
     examples, n_trunc, n_dropped = [], 0, 0
     for row in rows:
-        ex, truncated = encode_row(row, tokenizer, max_length, path)
+        ex, truncated = encode_row(row, tokenizer, max_length, path, empty_ok)
         n_trunc += truncated
         if ex is None:
             n_dropped += 1

@@ -76,6 +76,7 @@ class Plan:
         self.eval_every, self.save_every, self.validates = eval_every, save_every, validates
         self.step_times: list[float] = []
         self.fixed: int | None = None  # a resumed run keeps the end its checkpoint planned
+        self.first: dict | None = None  # the validation timed before training (of the untouched model)
         self.total = self._fit(0)
 
     def _overhead(self, done: int, total: int) -> float:
@@ -126,8 +127,7 @@ def plan_for(cfg, seconds: float, started: float, model, examples, collate, loss
             loss_fn(model, batch)
             times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        if evaluate:
-            evaluate(model)
+        first = evaluate(model) if evaluate else None
         eval_s = time.perf_counter() - t0
     model.train(was_training)
     step_s = 3 * times[-1] * cfg.grad_accum
@@ -136,6 +136,7 @@ def plan_for(cfg, seconds: float, started: float, model, examples, collate, loss
     spent = time.monotonic() - started
     p = Plan(seconds, started, step_s, eval_s, save_s, cfg.eval_every, cfg.save_every, evaluate is not None,
              EXIT_SHARE * spent)
+    p.first = first  # the untouched model's validation: the loop's step-0 row need not run it again
     print(f"--budget {cfg.budget}: {spent:.1f} s spent before training; one step ~{step_s:.2f} s"
           + (f", one validation {eval_s:.1f} s" if evaluate else "") + f": planning {p.total} steps "
           "(re-planned as the run goes)", file=sys.stderr)

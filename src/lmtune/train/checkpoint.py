@@ -250,7 +250,23 @@ def check_out_dir(out: str, resume: bool, overwrite: bool, inputs: list | None =
     elif busy and not (p / files.RUN_FILE).is_file():
         raise LmtuneError(f"--out {out} is not an lmtune run (no {files.RUN_FILE}): --overwrite only replaces "
                           "lmtune's own runs; empty it yourself or choose another folder")
+    if distributed.world().is_main:
+        probe_writable(p)
     distributed.barrier()  # every rank has looked before rank 0 creates anything
+
+
+def probe_writable(out: Path) -> None:
+    """A read-only or missing place for --out is one line now, not after the data is prepared or encoded."""
+    import tempfile
+
+    parent = next((a for a in [out, *out.parents] if a.is_dir()), Path("."))
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lmtune-probe-", dir=parent)
+    except OSError as e:
+        raise files.write_error(f"--out {out}", e, "choose a writable place") or LmtuneError(
+            f"cannot write --out {out}: {e}") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def check_resume_settings(out: Path, settings: dict) -> None:

@@ -218,7 +218,9 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
         if cfg.bf16 else nullcontext()
 
     first = None
-    if evaluate and evaluate_first:  # the base model, placed and in the training precision like every validation
+    if evaluate and evaluate_first and plan and plan.first is not None:
+        first = plan.first  # --budget already validated the untouched model (to time it): not twice
+    elif evaluate and evaluate_first:  # the base model, placed and in the training precision like every validation
         with distributed.gathered(engine), autocast:
             first = evaluate(model)
     start = 0
