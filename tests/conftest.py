@@ -1,7 +1,8 @@
 """Shared test fixtures: small real models and data, built once per session, no network.
 
-The whole session runs with its own lmtune cache (`LMTUNE_CACHE` under pytest's temporary directory, set
-before any test runs and inherited by every `python -m lmtune` subprocess), so a user's converted models,
+The whole session runs with its own lmtune cache (`LMTUNE_CACHE`, a temporary folder made in
+`pytest_configure`, before any test module is imported, and inherited by every `python -m lmtune` subprocess,
+also those started with an environment a module copied at import time; removed at the end), so a user's converted models,
 kernels and machine rates never reach the tests, and the tests never write into the user's cache. The
 real `~/.cache/lmtune` is compared before and after the session: anything new there fails the run.
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,10 +34,18 @@ def _listing(folder: Path) -> set[str]:
 
 
 def pytest_configure(config):
+    """Before any test module is imported (some copy os.environ at import time for their subprocesses), the
+    session gets its own lmtune cache, and the user's real one is listed for the check at the end."""
     config.stash[_USER_CACHE_BEFORE] = _listing(USER_CACHE)
+    cache = Path(tempfile.mkdtemp(prefix="lmtune-test-cache-"))
+    config.stash[_SESSION_CACHE] = cache
+    os.environ["LMTUNE_CACHE"] = str(cache)
 
 
 def pytest_sessionfinish(session, exitstatus):
+    cache = session.config.stash.get(_SESSION_CACHE, None)
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
     new = sorted(_listing(USER_CACHE) - session.config.stash.get(_USER_CACHE_BEFORE, set()))
     if new:
         print(f"\nerror: the test session wrote into the user's lmtune cache {USER_CACHE}: "
@@ -43,6 +54,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 _USER_CACHE_BEFORE = pytest.StashKey[set]()
+_SESSION_CACHE = pytest.StashKey[Path]()
 
 
 @pytest.fixture(autouse=True)
@@ -57,12 +69,11 @@ def torch_threads():
         torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def session_cache(tmp_path_factory) -> Path:
-    """This session's own lmtune cache; the tests share it (SmolLM2's GGUF is converted once into it)."""
-    cache = tmp_path_factory.mktemp("lmtune-cache")
-    os.environ["LMTUNE_CACHE"] = str(cache)
-    return cache
+@pytest.fixture(scope="session")
+def session_cache(pytestconfig) -> Path:
+    """This session's own lmtune cache (made in pytest_configure); the tests share it (SmolLM2's GGUF is
+    converted once into it)."""
+    return pytestconfig.stash[_SESSION_CACHE]
 
 
 def run_cli(*args, timeout=600, env=None):

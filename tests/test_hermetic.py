@@ -21,6 +21,16 @@ def test_lmtune_cache_is_the_sessions_own(session_cache):
     assert Path(child) == session_cache  # every `python -m lmtune` the tests start inherits it
 
 
+def test_environments_copied_at_import_hold_the_session_cache(session_cache):
+    """test_chat and test_distributed copy os.environ when pytest imports them (before any fixture runs):
+    the session cache must already be set then, or their subprocesses write into the user's cache."""
+    import test_chat
+    import test_distributed
+
+    for env in (test_chat.ENV, test_distributed.ENV):
+        assert env["LMTUNE_CACHE"] == str(session_cache)
+
+
 def test_smollm2_resolves_into_the_session_cache(smollm2_dir, session_cache):
     assert Path(smollm2_dir).is_relative_to(session_cache)
     assert (Path(smollm2_dir) / "tokenizer.json").is_file()
