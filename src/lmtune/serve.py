@@ -465,7 +465,7 @@ def create_app(state: Served, api_key: str = "") -> FastAPI:
 def make_state(model, tokenizer, cfg: ServeConfig, meta: dict | None = None) -> Served:
     """What the routes need, with the batcher's worker thread started when the model can generate: it
     decodes through lmtune's decoder (as `lmtune generate` does), stopping at the same stop ids."""
-    from lmtune.decode import Decoder
+    from lmtune.generation.decoder import Decoder
     from lmtune.generation.sampling import stop_ids
     from lmtune.serving.batcher import Batcher
 
