@@ -211,9 +211,9 @@ def _example_lengths(run) -> list[tuple[int, int]]:
 
         examples = instruct.encode_all(read_records(run.data), tok, run.max_length, run.data)
         return [(len(e["input_ids"]), sum(t != -100 for t in e["labels"][1:])) for e in examples]
-    import importlib
+    from lmtune import tasks
 
-    task = importlib.import_module(f"lmtune.tasks.{run.task}")
+    task = tasks.get(run.task)
     rows = task.read(run.data, run)
     if run.task == "classify":
         meta = {"labels": task.label_set(rows, run.label_column)}

@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmtune import tasks
 from lmtune.config import ServeConfig
 from lmtune.errors import LmtuneError
 
@@ -343,8 +344,6 @@ def task_rows(task: str, inputs: list) -> list[dict]:
 
 async def run_task(state: Served, route: str, body: TaskRequest) -> dict:
     """A task endpoint: a thin call into lmtune.tasks.<task>.predict, looked up only when asked for."""
-    import importlib
-
     from starlette.concurrency import run_in_threadpool
 
     from lmtune.config import PredictConfig
@@ -365,7 +364,7 @@ async def run_task(state: Served, route: str, body: TaskRequest) -> dict:
         raise ApiError(400, f"input must be {shape}", "input", "invalid_input")
     if len(inputs) > state.cfg.max_batch:
         raise ApiError(400, f"at most {state.cfg.max_batch} inputs per request", "input", "too_many_inputs")
-    predict = importlib.import_module(f"lmtune.tasks.{task}").predict
+    predict = tasks.get(task).predict
     task_cfg = PredictConfig(model=state.name, task=task, batch_size=state.cfg.max_batch)
 
     def call():
@@ -485,8 +484,6 @@ def make_state(model, tokenizer, cfg: ServeConfig, meta: dict | None = None) -> 
 def load_model(cfg: ServeConfig):
     """(model, tokenizer, meta): a classify/translate/qa fine-tune through its task's loader (which
     knows its head and labels), anything else as a causal LM."""
-    import importlib
-
     import torch
 
     from lmtune import models
@@ -498,7 +495,7 @@ def load_model(cfg: ServeConfig):
     meta = models.read_lmtune_file(models.resolve(cfg.model))
     task = meta.get("task")
     if task in TASK_ROUTES.values():
-        module = importlib.import_module(f"lmtune.tasks.{task}")
+        module = tasks.get(task)
         model, tokenizer, task_meta = module.load(cfg.model, PredictConfig(model=cfg.model, task=task))
         return model.to(dev), tokenizer, {**meta, **task_meta}
     model, tokenizer = models.load_causal_lm(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else None, device=dev)
