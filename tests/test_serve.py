@@ -56,7 +56,7 @@ def server(tmp_path_factory):
     import uvicorn
 
     from lmtune import models
-    from lmtune.serve import create_app, make_state
+    from lmtune.serving.api import create_app, make_state
 
     path = tiny_model_dir(tmp_path_factory.mktemp("tiny"))
     model, tok = models.load_causal_lm(str(path))
@@ -275,7 +275,8 @@ def test_classify_model_serves_its_task_route_only(tmp_path):
     from fastapi.testclient import TestClient
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from lmtune.serve import create_app, load_model, make_state
+    from lmtune.serve import load_model
+    from lmtune.serving.api import create_app, make_state
 
     path = tiny_model_dir(tmp_path / "lm")
     cls_dir = tmp_path / "cls"
