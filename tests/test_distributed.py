@@ -101,9 +101,10 @@ def test_sigterm_to_torchrun_stops_all_ranks_with_one_checkpoint(tmp_path, shake
 
 def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, shakespeare_small):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "lmtune", *_args(shakespeare_small, out, batch=4, steps=9)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "LMTUNE_TEST_CHECKPOINT_DELAY_S": "3"})
+    # the CLI with a 3 s pause after each checkpoint's shards are written: the window a kill must hit
+    slowed = Path(__file__).with_name("slow_checkpoints.py")
+    args = [sys.executable, str(slowed), "3", *_args(shakespeare_small, out, batch=4, steps=9)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 180  # wait until the step-6 checkpoint is being written, then SIGKILL
     while time.time() < deadline and not (out / "checkpoints" / ".tmp-step-00000006").exists():
         time.sleep(0.05)
