@@ -141,7 +141,7 @@ class _CharVocab:  # stands in for a char tokenizer: build_from_preset only need
 
 def _pretrain_tokenizer(run):
     from lmtune.data import shards, sources
-    from lmtune.pretrain import load_tokenizer_path
+    from lmtune.data.tokenizer import load_tokenizer_path
 
     if shards.read_manifest(Path(run.data)) is not None:  # a prepared folder brings its tokenizer
         return load_tokenizer_path(str(Path(run.data) / "tokenizer"))
