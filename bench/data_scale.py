@@ -114,7 +114,7 @@ def run_one(name: str, corpus: Path, work: Path, tok: str, steps: int) -> dict:
         import pyarrow.compute as pc
         from transformers import AutoTokenizer
 
-        from lmtune.pretrain import load_tokenizer_path
+        from lmtune.data.tokenizer import load_tokenizer_path
 
         t = load_tokenizer_path(tokenizer_folder(tok))
         ds = datasets.load_dataset("text", data_files=str(corpus), split="train", cache_dir=str(work / "hf-cache"),
@@ -127,7 +127,7 @@ def run_one(name: str, corpus: Path, work: Path, tok: str, steps: int) -> dict:
     elif name == "nanoGPT style":
         import numpy as np
 
-        from lmtune.pretrain import load_tokenizer_path
+        from lmtune.data.tokenizer import load_tokenizer_path
 
         t = load_tokenizer_path(tokenizer_folder(tok))
         dtype = np.uint16 if len(t) <= 1 << 16 else np.uint32
@@ -180,7 +180,7 @@ def _pretrain_in_memory(cfg, prepared: Path) -> None:
     from lmtune import models
     from lmtune.data.batching import collate
     from lmtune.data.shards import TokenBlocks, load
-    from lmtune.pretrain import load_tokenizer_path
+    from lmtune.data.tokenizer import load_tokenizer_path
     from lmtune.tasks import lm
     from lmtune.train.loop import fit
 

@@ -14,7 +14,7 @@ weight-only int8 made from the fp32 weights, against HF fp32). Agreement is
 against HF fp32: rows whose token ids are all identical, and the share of identical token positions.
 
 "lmtune fp32" reads the matrices that are exactly GGUF blocks (all of SmolLM2's: it comes from a Q4_1 GGUF)
-in that form, with the same fp32 values and fp32 sums (lmtune/blocks.py); "lmtune fp32 dense" reads the
+in that form, with the same fp32 values and fp32 sums (lmtune/generation/gguf_weights.py); "lmtune fp32 dense" reads the
 dense fp32 tensors, as it would for a fine-tuned model.
 """
 
@@ -63,7 +63,7 @@ class HF:
 
 class Ours:
     def __init__(self, model, tok, compile=False, quantize="none", gguf_blocks=True):
-        from lmtune.decode import Decoder
+        from lmtune.generation.decoder import Decoder
 
         self.dec, self.tok = Decoder(model, compile=compile, quantize=quantize, gguf_blocks=gguf_blocks), tok
 
@@ -167,15 +167,15 @@ def main() -> None:
     print(f"fp32 weight reads alone (every matrix once, 1-row products, nothing else): {1000 * floor:.1f} ms a token "
           f"({nbytes / floor / 1e9:.1f} GB/s), so at most {1 / floor:.1f} tokens/s at batch 1 for any decoder that "
           f"reads dense fp32 weights: {1 / floor / (hf['tokens'] / hf['seconds']):.2f}x HF fp32's speed in this run.")
-    from lmtune import blocks
+    from lmtune.generation import gguf_weights
 
     runner = contenders["lmtune fp32"].dec.runner
     mats = [L[k] for L in runner.layers for k in ("wqkv", "wo", "wgu", "wd")] + [runner.head]
-    packed = [w for w in mats if isinstance(w, blocks.Block)]
+    packed = [w for w in mats if isinstance(w, gguf_weights.Block)]
     print(f"lmtune fp32 reads {len(packed)} of its {len(mats)} matrices in their GGUF block form (the same fp32 "
           f"values): {sum(w.nbytes for w in packed) / 1e6:.0f} MB a token for them instead of "
           f"{sum(w.dense.numel() * 4 for w in packed) / 1e6:.0f} MB; 'lmtune fp32 dense' reads them all dense."
-          + ("" if blocks.available() else " (no C++ compiler here: no block kernel)"))
+          + ("" if gguf_weights.available() else " (no C++ compiler here: no block kernel)"))
 
 
 if __name__ == "__main__":

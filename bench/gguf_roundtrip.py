@@ -1,6 +1,6 @@
 """Does llama.cpp run what `lmtune export --format gguf` writes? For SmolLM2-135M and a LoRA merged into it,
 each of f16, q8_0 and q4_0: export, load the file with llama.cpp (llama-cpp-python), and compare its greedy
-continuation of 8 chat prompts with lmtune's own (the fp32 model, `lmtune.decode`), token for token.
+continuation of 8 chat prompts with lmtune's own (the fp32 model, `lmtune.generation.decoder`), token for token.
 
     python bench/gguf_roundtrip.py                 # installs llama-cpp-python if missing (requirements-bench.txt)
     python bench/gguf_roundtrip.py --tokens 8 --types f16,q8_0
@@ -65,7 +65,7 @@ def random_lora(out: Path) -> Path:
 def lmtune_greedy(model_name: str, prompts: list[list[int]], n: int) -> list[list[int]]:
     """lmtune's greedy tokens (fp32, the model as `export` reads it: an adapter merged), one prompt at a time."""
     from lmtune import export
-    from lmtune.decode import Decoder
+    from lmtune.generation.decoder import Decoder
 
     model, tok = export.load_merged(model_name)
     decoder = Decoder(model)

@@ -159,7 +159,7 @@ def generate_rate(folder: str, max_tokens: int, threads: int) -> float:
     import torch
 
     from lmtune import models
-    from lmtune.decode import Decoder
+    from lmtune.generation.decoder import Decoder
     from lmtune.tasks import instruct
 
     torch.set_num_threads(threads)

@@ -272,7 +272,7 @@ def run_hf_a(args) -> dict:
 # Workload (b): pretraining a ~10M model
 
 def _shakespeare_blocks(block: int):
-    from lmtune.pretrain import train_tokenizer
+    from lmtune.data.tokenizer import train_tokenizer
     from lmtune.tasks.lm import encode_text
 
     text = (DATA / "tinyshakespeare" / "input.txt").read_text()

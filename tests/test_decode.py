@@ -1,11 +1,11 @@
-"""lmtune.decode: greedy output token for token as HF's generate (fp32), left padding, per-row EOS stop."""
+"""lmtune.generation.decoder: greedy output token for token as HF's generate (fp32), left padding, per-row EOS stop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmtune.decode import Decoder, HFRunner, LlamaRunner
+from lmtune.generation.decoder import Decoder, HFRunner, LlamaRunner
 
 PROMPTS = ["Rewrite this date in ISO format: March 5, 2024", "Hi", "Name three colours of the rainbow, please."]
 
@@ -146,19 +146,19 @@ def snap(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def test_block_kernel_equals_the_dense_matmul():
-    """blocks.linear on a factored matrix gives F.linear's values (fp32, up to summation order) for 1 to 9
+    """gguf_weights.linear on a factored matrix gives F.linear's values (fp32, up to summation order) for 1 to 9
     rows and both block widths; a matrix off the grid by one ulp is not factored."""
     import shutil
 
-    from lmtune import blocks
+    from lmtune.generation import gguf_weights
 
     if not shutil.which("c++"):
         pytest.skip("no C++ compiler: the block kernel is not built (dense weights are used)")
-    assert blocks.available()
+    assert gguf_weights.available()
     torch.manual_seed(0)
     for bits, shape in ((4, (96, 64)), (8, (40, 96))):
         w = snap(torch.randn(shape) * 0.05, bits)
-        blk = blocks.factor(w)
+        blk = gguf_weights.factor(w)
         assert blk is not None and blk.bits == bits and blk.nbytes < w.numel() * 4 / 3
         n, k = shape
         if bits == 4:  # two weights a byte: i in the low nibble, i + 16 in the high one
@@ -169,10 +169,10 @@ def test_block_kernel_equals_the_dense_matmul():
         assert torch.equal((blk.d[..., None] * q + blk.m[..., None]).view(shape), w)  # bit for bit
         for rows in range(1, 10):
             x = torch.randn(rows, shape[1])
-            assert torch.allclose(blocks.linear(x, blk), torch.nn.functional.linear(x, w), atol=1e-6, rtol=1e-5)
+            assert torch.allclose(gguf_weights.linear(x, blk), torch.nn.functional.linear(x, w), atol=1e-6, rtol=1e-5)
         off = w.clone()
         off[3, 7] = torch.nextafter(off[3, 7], torch.tensor(1.0))
-        assert blocks.factor(off) is None
+        assert gguf_weights.factor(off) is None
 
 
 def snapped(folder):
@@ -191,9 +191,10 @@ def snapped(folder):
 def test_gguf_block_weights_decode_exactly_as_hf(tiny, tiny_chat_model):
     """A model whose weights are GGUF blocks (as a converted GGUF's are) is decoded through the block kernel,
     and greedy output is token for token HF's fp32 generate; one matrix moved off the grid stays dense."""
-    from lmtune import blocks, models
+    from lmtune import models
+    from lmtune.generation import gguf_weights
 
-    if not blocks.available():
+    if not gguf_weights.available():
         pytest.skip("no block kernel on this machine")
     _, tok, ids = tiny
     model = snapped(tiny_chat_model)
@@ -214,9 +215,9 @@ def test_lora_on_a_block_base_stays_unmerged(tiny, tiny_chat_model):
     leave the block form): greedy output is peft's unmerged generate, token for token."""
     from peft import LoraConfig, get_peft_model
 
-    from lmtune import blocks
+    from lmtune.generation import gguf_weights
 
-    if not blocks.available():
+    if not gguf_weights.available():
         pytest.skip("no block kernel on this machine")
     _, tok, ids = tiny
     torch.manual_seed(0)
@@ -233,7 +234,7 @@ def test_lora_on_a_block_base_stays_unmerged(tiny, tiny_chat_model):
     assert not torch.equal(ref, base)  # the adapter matters
     dec = Decoder(peft_model)
     L = dec.runner.layers[0]
-    assert isinstance(L["wqkv"], blocks.Block) and L["lqkv"][0].shape == (8, 32) and L["lo"] is None
+    assert isinstance(L["wqkv"], gguf_weights.Block) and L["lqkv"][0].shape == (8, 32) and L["lo"] is None
     assert L["lqkv"][1][32:64].abs().sum() == 0 and L["lqkv"][1][64:].abs().sum() > 0  # q, v adapted; k not
     ours = dec.generate(prompts, 16, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
     assert torch.equal(ours, ref)
@@ -242,15 +243,16 @@ def test_lora_on_a_block_base_stays_unmerged(tiny, tiny_chat_model):
 def test_smollm2_decodes_from_its_gguf_blocks_as_hf(smollm2_dir):
     """The default model's every matrix is exactly a GGUF block (Q4_1 layers, Q8_0 embedding): all of them
     are read in block form, and greedy output equals HF's fp32 generate."""
-    from lmtune import blocks, models
+    from lmtune import models
+    from lmtune.generation import gguf_weights
     from lmtune.tasks import instruct
 
-    if not blocks.available():
+    if not gguf_weights.available():
         pytest.skip("no block kernel on this machine")
     model, tok = models.load_causal_lm(smollm2_dir)
     model.eval()
     dec = Decoder(model)
-    assert all(isinstance(L[k], blocks.Block) for L in dec.runner.layers for k in ("wqkv", "wo", "wgu", "wd"))
+    assert all(isinstance(L[k], gguf_weights.Block) for L in dec.runner.layers for k in ("wqkv", "wo", "wgu", "wd"))
     assert [L["wgu"].bits for L in dec.runner.layers] == [4] * 30 and dec.runner.head.bits == 8
     prompts = [tok(instruct.prompt_text(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
     ours = dec.generate(prompts, 16, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
@@ -259,11 +261,11 @@ def test_smollm2_decodes_from_its_gguf_blocks_as_hf(smollm2_dir):
 
 def test_no_compiler_means_dense_weights(tiny, monkeypatch):
     """Without a C++ compiler (or with LMTUNE_NO_KERNELS set) nothing is factored and decoding is unchanged."""
-    from lmtune import blocks
+    from lmtune.generation import gguf_weights
 
-    monkeypatch.setattr(blocks, "_LIB", False)
+    monkeypatch.setattr(gguf_weights, "_LIB", False)
     monkeypatch.setenv("LMTUNE_NO_KERNELS", "1")
-    assert not blocks.available()
+    assert not gguf_weights.available()
     model, tok, ids = tiny
     dec = Decoder(model)
     assert all(isinstance(L["wqkv"], torch.Tensor) for L in dec.runner.layers)

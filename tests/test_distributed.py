@@ -15,7 +15,12 @@ import pytest
 from conftest import read_metrics, run_cli
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _env():
+    """Built at each call, not at import: the session's LMTUNE_CACHE (conftest) is set after this module is
+    imported, and a child without it writes into the user's cache."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def _args(data, out, batch, steps=6, extra=()):
@@ -25,7 +30,7 @@ def _args(data, out, batch, steps=6, extra=()):
 
 
 def _two(args, timeout=300):
-    r = subprocess.run(TORCHRUN + ["-m", "lmtune", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+    r = subprocess.run(TORCHRUN + ["-m", "lmtune", *args], capture_output=True, text=True, timeout=timeout, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -86,7 +91,7 @@ def test_sigterm_to_torchrun_stops_all_ranks_with_one_checkpoint(tmp_path, shake
     out = tmp_path / "run"
     args = _args(shakespeare_small, out, batch=2, steps=2000, extra=["--distributed", "ddp", "--save-every", "1000"])
     proc = subprocess.Popen(TORCHRUN + ["-m", "lmtune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV, start_new_session=True)
+                            text=True, env=_env(), start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline and len(read_metrics(out) if (out / "metrics.jsonl").exists() else []) < 3:
         time.sleep(0.2)
@@ -101,9 +106,10 @@ def test_sigterm_to_torchrun_stops_all_ranks_with_one_checkpoint(tmp_path, shake
 
 def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, shakespeare_small):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "lmtune", *_args(shakespeare_small, out, batch=4, steps=9)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "LMTUNE_TEST_CHECKPOINT_DELAY_S": "3"})
+    # the CLI with a 3 s pause after each checkpoint's shards are written: the window a kill must hit
+    slowed = Path(__file__).with_name("slow_checkpoints.py")
+    args = [sys.executable, str(slowed), "3", *_args(shakespeare_small, out, batch=4, steps=9)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.time() + 180  # wait until the step-6 checkpoint is being written, then SIGKILL
     while time.time() < deadline and not (out / "checkpoints" / ".tmp-step-00000006").exists():
         time.sleep(0.05)

@@ -59,7 +59,7 @@ def test_a_model_it_cannot_count(tmp_path, capsys):
 
 def test_rates_are_measured_again_after_a_reboot(tmp_path, monkeypatch):
     """machine.json keeps this boot's rates only: an earlier boot's (maybe another host's) are dropped."""
-    from lmtune.estimate import Machine
+    from lmtune.costs.machine import Machine
 
     monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path))
     here = Machine()
@@ -84,7 +84,8 @@ def test_fragmentation_counts_the_tensors_below_the_mmap_threshold():
     """SmolLM2-135M's shape, LoRA on all linears, 4 x 353 tokens at an 8 MB threshold: in fp32 the MLP's
     saved tensors (1536 wide, 8.7 MB) are mapped and only the narrower ones count as heap; in bf16 every
     saved tensor is below the threshold; with no threshold (glibc's own) all of them count."""
-    from lmtune.estimate import Shape, _layer_floats
+    from lmtune.costs.formulas import layer_floats
+    from lmtune.costs.shape import Shape
 
     h, i = 576, 1536
     base = [(t, "base", fin, fout, False) for t, fin, fout in
@@ -96,9 +97,9 @@ def test_fragmentation_counts_the_tensors_below_the_mmap_threshold():
               hidden=h, kv=192, intermediate=i, vocab=49152, head_trainable=False, norm_trainable=False,
               linears=tuple(base + lora))
     per_token_limit = 8 * 2**20 / (4 * 353)
-    saved, _, small = _layer_floats(s, 353, True, False, True, per_token_limit)
+    saved, _, small = layer_floats(s, 353, True, False, True, per_token_limit)
     assert 0 < small < saved and saved - small == 2 * 4 * i  # gate and up (down's input is rebuilt in backward)
-    saved, _, small = _layer_floats(s, 353, True, True, True, per_token_limit)
+    saved, _, small = layer_floats(s, 353, True, True, True, per_token_limit)
     assert small == saved  # bf16: every saved tensor is under 8 MB
-    saved, _, small = _layer_floats(s, 353, True, False, True, float("inf"))
+    saved, _, small = layer_floats(s, 353, True, False, True, float("inf"))
     assert small == saved

@@ -749,7 +749,7 @@ def api(tiny_chat_model):
 
     from lmtune import models
     from lmtune.config import ServeConfig
-    from lmtune.serve import create_app, make_state
+    from lmtune.serving.api import create_app, make_state
 
     model, tok = models.load_causal_lm(tiny_chat_model)
     state = make_state(model, tok, ServeConfig(model=tiny_chat_model, model_name="tiny", max_tokens=8), {})

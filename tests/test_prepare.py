@@ -18,9 +18,10 @@ from _tiny_models import SHARED
 from conftest import read_metrics, run_cli
 from lmtune.config import PrepareConfig, PretrainConfig
 from lmtune.data import shards, sources
+from lmtune.data.tokenizer import load_tokenizer_path
 from lmtune.errors import LmtuneError
 from lmtune.prepare import prepare
-from lmtune.pretrain import load_tokenizer_path, pretrain
+from lmtune.pretrain import pretrain
 
 GPT2 = str(SHARED / "gpt2_tokenizer")
 

@@ -38,7 +38,7 @@ def test_pretrain_learns_and_saves_a_plain_hf_folder(tmp_path, shakespeare_small
 
 
 def test_char_tokenizer_round_trips(tmp_path, shakespeare_small):
-    from lmtune.pretrain import train_tokenizer
+    from lmtune.data.tokenizer import train_tokenizer
 
     text = open(shakespeare_small).read()
     tok = train_tokenizer(text, "char", 0)

@@ -56,7 +56,7 @@ def server(tmp_path_factory):
     import uvicorn
 
     from lmtune import models
-    from lmtune.serve import create_app, make_state
+    from lmtune.serving.api import create_app, make_state
 
     path = tiny_model_dir(tmp_path_factory.mktemp("tiny"))
     model, tok = models.load_causal_lm(str(path))
@@ -275,7 +275,8 @@ def test_classify_model_serves_its_task_route_only(tmp_path):
     from fastapi.testclient import TestClient
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from lmtune.serve import create_app, load_model, make_state
+    from lmtune.serve import load_model
+    from lmtune.serving.api import create_app, make_state
 
     path = tiny_model_dir(tmp_path / "lm")
     cls_dir = tmp_path / "cls"
@@ -306,7 +307,7 @@ def test_classify_model_serves_its_task_route_only(tmp_path):
 def test_slots_decode_every_row_as_alone(server, generic):
     """Rows join the slot cache at different steps and leave when done (the last row moving into a freed
     slot); each row's greedy tokens are the decoder's for that prompt alone."""
-    from lmtune.decode import Decoder, HFRunner
+    from lmtune.generation.decoder import Decoder, HFRunner
     from lmtune.generation.slots import slots
 
     dec = Decoder(server.model)
@@ -396,7 +397,7 @@ def test_a_cancelled_stream_frees_its_slot(client, server, monkeypatch):
 def test_sampled_answer_is_generates_with_the_same_seed(client, server):
     """One sampler: a sampled request (temperature, top-p, seed) draws what `lmtune generate`'s decoder
     draws with the same settings and seed; its draws do not depend on the other rows of the batch."""
-    from lmtune.decode import Decoder
+    from lmtune.generation.decoder import Decoder
     from lmtune.generation.sampling import Sampling, logprobs, pick_each
 
     ids = server.tok("Once upon")["input_ids"]

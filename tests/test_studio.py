@@ -310,13 +310,12 @@ def test_non_loopback_host_needs_a_token(tmp_path):
 
 
 def test_default_metrics_agree_with_the_tasks():
-    import importlib
-
     from lmtune import config as C
+    from lmtune import tasks
     from lmtune.studio import runs as R
 
     for task in C.TASKS:
-        default = getattr(importlib.import_module(f"lmtune.tasks.{task}"), "METRIC", "val_loss")
+        default = tasks.get(task).METRIC
         assert R.watched({"task": task})[0] == (default if default.startswith("val_") else f"val_{default}")
 
 

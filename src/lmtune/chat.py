@@ -32,7 +32,7 @@ def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict
 
 
 def reply(decoder, tokenizer, ids: list[int], cfg: ChatConfig, out, seed: int, eos: list[int]) -> str:
-    """Generate the assistant's turn with `lmtune.decode`, writing each piece of text to `out` as soon as
+    """Generate the assistant's turn with `lmtune.generation.decoder`, writing each piece of text to `out` as soon as
     it is decoded (the streamer holds back a piece until it is whole text)."""
     from transformers import TextIteratorStreamer
 
@@ -68,7 +68,7 @@ def chat(cfg: ChatConfig) -> list[dict]:
     import torch
 
     from lmtune import models
-    from lmtune.decode import Decoder
+    from lmtune.generation.decoder import Decoder
     from lmtune.generation.sampling import stop_ids
 
     from lmtune import device

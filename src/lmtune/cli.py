@@ -37,7 +37,7 @@ VERBS = {
     "sweep": (C.SweepConfig, "lmtune.sweep:sweep", "Search hyperparameters with Optuna (resumable, shareable study)."),
     "estimate": (C.EstimateConfig, "lmtune.estimate:estimate", "Predict peak memory and time of a finetune/pretrain run."),
     "report": (C.ReportConfig, "lmtune.report:report", "Write report.html with plots of one run, or overlay several."),
-    "probe": (C.ProbeConfig, "lmtune.probes:probe", "Counterfactual bias probe of a classifier or a causal LM."),
+    "probe": (C.ProbeConfig, "lmtune.probe:probe", "Counterfactual bias probe of a classifier or a causal LM."),
     "studio": (C.StudioConfig, "lmtune.studio:studio", "A local web app over a folder of runs: watch, launch, compare, chat."),
 }
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.errors import LmtuneError
+from lmtune.tasks import NAMES
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -90,7 +91,7 @@ class TrainConfig:
     threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default.", min=0)
 
 
-TASKS = ("instruct", "classify", "translate", "qa", "lm", "dpo", "orpo")
+TASKS = NAMES  # lmtune.tasks.NAMES: the one list of tasks
 
 
 @dataclass

@@ -6,11 +6,11 @@ is read and checked before the model is loaded, so a wrong column or label fails
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import time
 
+from lmtune import tasks
 from lmtune.config import EvaluateConfig
 
 
@@ -31,7 +31,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from lmtune import device
 
     dev = device.settle(cfg)
-    task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
+    task = tasks.get(cfg.task)
     rows = task.read(cfg.data, cfg)
     t0 = time.perf_counter()
     model, tokenizer, meta = task.load(cfg.model, cfg)

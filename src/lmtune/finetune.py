@@ -7,11 +7,11 @@ in lmtune.tasks has: read, load, check, encode, collate, loss, evaluate; and the
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import sys
 from pathlib import Path
 
+from lmtune import tasks
 from lmtune.config import FinetuneConfig, to_dict
 
 
@@ -20,7 +20,7 @@ def watched_metric(cfg: FinetuneConfig, task_metrics: tuple) -> tuple[str, str]:
     from lmtune.errors import LmtuneError
 
     known = ["val_loss"] + [f"val_{m}" for m in task_metrics]
-    name = cfg.metric or getattr(importlib.import_module(f"lmtune.tasks.{cfg.task}"), "METRIC", "val_loss")
+    name = cfg.metric or tasks.get(cfg.task).METRIC
     name = name if name.startswith("val_") else f"val_{name}"
     if name not in known:
         raise LmtuneError(f"--metric {cfg.metric}: --task {cfg.task} reports {', '.join(known)}")
@@ -79,7 +79,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
 
     from lmtune import device
 
-    task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
+    task = tasks.get(cfg.task)
     distributed.setup(cfg.distributed)
     dev = device.settle(cfg)  # --device checked and --bf16's default set before anything is read or loaded
     if cfg.quantize == "4bit":

@@ -23,7 +23,7 @@ def generate(cfg: GenerateConfig) -> str:
     import torch
 
     from lmtune import device, models
-    from lmtune.decode import Decoder
+    from lmtune.generation.decoder import Decoder
     from lmtune.generation.sampling import stop_ids
 
     dev = device.settle(cfg)

@@ -298,7 +298,7 @@ def model_kind(path: str) -> str:
     if meta.get("kind"):
         return meta["kind"]
     if (Path(path) / "adapter_config.json").is_file():
-        return model_kind(_adapter_base(path))
+        return model_kind(adapter_base(path))
     with files.loading(f"{path}/config.json", "model config", "it is damaged or not a transformers config"):
         cfg = AutoConfig.from_pretrained(path)
     if cfg.is_encoder_decoder:
@@ -306,7 +306,9 @@ def model_kind(path: str) -> str:
     return "encoder" if cfg.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "decoder"
 
 
-def _adapter_base(path: str) -> str:
+def adapter_base(path: str) -> str:
+    """The resolved path of the base model that the adapter folder `path` names (lmtune.json, else peft's
+    adapter_config.json)."""
     meta = read_lmtune_file(path)
     base = meta.get("base_model") or files.read_json(Path(path) / "adapter_config.json", "adapter file").get(
         "base_model_name_or_path")
@@ -387,7 +389,7 @@ def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None =
         extra = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                      label2id={lab: i for i, lab in enumerate(labels)})
     is_adapter = (Path(path) / "adapter_config.json").is_file()
-    base_path = _adapter_base(path) if is_adapter else path
+    base_path = adapter_base(path) if is_adapter else path
     if quantize == "4bit":
         if head != "causal":
             raise LmtuneError(f"--quantize 4bit works for causal-LM tasks (instruct, lm, generated qa/translate); "

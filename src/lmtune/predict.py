@@ -7,14 +7,13 @@ to a temporary file next to --out and renamed at the end, so --out is either com
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from lmtune import files
+from lmtune import files, tasks
 from lmtune.config import PredictConfig
 from lmtune.errors import LmtuneError
 
@@ -33,7 +32,7 @@ def predict(cfg: PredictConfig) -> Path:
     from lmtune import device
 
     dev = device.settle(cfg)
-    task = importlib.import_module(f"lmtune.tasks.{cfg.task}")
+    task = tasks.get(cfg.task)
     rows = task.read(cfg.data, cfg, targets=False)
     model, tokenizer, meta = task.load(cfg.model, cfg)
     model = model.to(dev)

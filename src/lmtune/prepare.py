@@ -19,7 +19,7 @@ def make_tokenizer(spec: str, inputs: list[str], text_column: str, val_split: fl
                    sample_mb: float):
     """'bpe'/'char': trained on the first `sample_mb` MB of training documents; else a folder or model alias."""
     from lmtune.data import shards, sources
-    from lmtune.pretrain import check_encodes, load_tokenizer_path, train_tokenizer
+    from lmtune.data.tokenizer import check_encodes, load_tokenizer_path, train_tokenizer
 
     sample = shards.sample_text(sources.documents(inputs, text_column), val_split, sample_mb) \
         if spec in ("bpe", "char") else None
@@ -73,7 +73,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     tok = make_tokenizer(cfg.tokenizer, inputs, cfg.text_column, cfg.val_split, cfg.vocab_size,
                          cfg.tokenizer_sample_mb) if not (out / "tokenizer").is_dir() else None
     if tok is None:  # an unfinished prepare: continue with the tokenizer it started with
-        from lmtune.pretrain import load_tokenizer_path
+        from lmtune.data.tokenizer import load_tokenizer_path
 
         tok = load_tokenizer_path(str(out / "tokenizer"))
     m = prepare_corpus(inputs, tok, out, text_column=cfg.text_column, val_split=cfg.val_split,

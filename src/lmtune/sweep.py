@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import random
 import sys
 import time
@@ -18,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from lmtune import config as C
-from lmtune import files
+from lmtune import files, tasks
 from lmtune.config import FinetuneConfig, SweepConfig
 from lmtune.errors import LmtuneError
 
@@ -77,8 +76,7 @@ def check_sweep(cfg: SweepConfig) -> tuple[FinetuneConfig, dict, str, str]:
     space = check_space(cfg.space)
     if not (base.eval_data or base.val_split):
         raise LmtuneError(f"{where}: trials need validation data: give train: eval_data (or val_split)")
-    task = importlib.import_module(f"lmtune.tasks.{base.task}")
-    known = ["val_loss"] + [f"val_{m}" for m in getattr(task, "METRICS", ())]
+    known = ["val_loss"] + [f"val_{m}" for m in tasks.get(base.task).METRICS]
     metric = cfg.metric if cfg.metric.startswith("val_") else f"val_{cfg.metric}"
     if metric not in known:
         raise LmtuneError(f"{where}: metric '{cfg.metric}' is not reported by task {base.task}; "

@@ -26,9 +26,11 @@ def _note_once(key: str, text: str) -> None:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl. On resume, lines past the checkpoint's step are dropped first."""
+    """Append-only metrics.jsonl. On resume, lines past the checkpoint's step are dropped first.
+    `report_to` ('wandb', 'mlflow' or both, comma-separated) adds those trackers, given `config` (the run's
+    settings, as run.json records them) to show beside the curves."""
 
-    def __init__(self, out: Path, resume_step: int | None = None):
+    def __init__(self, out: Path, resume_step: int | None = None, report_to: str = "", config: dict | None = None):
         self.path = Path(out) / "metrics.jsonl"
         with files.writing(str(self.path)):
             Path(out).mkdir(parents=True, exist_ok=True)
@@ -37,7 +39,8 @@ class MetricsLog:
                 files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             elif self.path.exists():
                 self.path.unlink()
-        self.sinks = [s for s in (_tensorboard(Path(out), resume_step), *_report_to(Path(out))) if s]
+        trackers = _trackers(Path(out), report_to, config or {})
+        self.sinks = [s for s in (_tensorboard(Path(out), resume_step), *trackers) if s]
 
     def write(self, record: dict) -> None:
         with files.writing(str(self.path)), open(self.path, "a") as f:
@@ -64,15 +67,10 @@ def _tensorboard(out: Path, resume_step: int | None):
     return sink
 
 
-def _report_to(out: Path) -> list:
-    """Sinks for the trackers that run.json's config asks for (report_to: wandb, mlflow)."""
-    info = out / "run.json"
-    try:
-        cfg = json.loads(info.read_text()).get("config", {}) if info.is_file() else {}
-    except (OSError, ValueError, AttributeError):
-        cfg = {}
+def _trackers(out: Path, report_to: str, cfg: dict) -> list:
+    """Sinks for the trackers --report-to names (wandb, mlflow); `cfg` is logged with the run."""
     sinks = []
-    for name in [t.strip() for t in str(cfg.get("report_to") or "").split(",") if t.strip()]:
+    for name in [t.strip() for t in report_to.split(",") if t.strip()]:
         try:
             tracker = __import__(name)
         except ImportError:

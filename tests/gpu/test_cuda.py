@@ -60,7 +60,7 @@ def test_training_parity_with_cpu(tmp_path, tiny_chat_model, dates_jsonl):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_greedy_generation_equals_hf_on_cuda(smollm2_dir, bf16):
     from lmtune import models
-    from lmtune.decode import Decoder
+    from lmtune.generation.decoder import Decoder
     from lmtune.tasks import instruct
 
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -79,7 +79,7 @@ def test_greedy_generation_equals_hf_on_cuda(smollm2_dir, bf16):
 
 def test_compiled_decoding_on_cuda_equals_eager(tiny_chat_model):
     from lmtune import models
-    from lmtune.decode import Decoder
+    from lmtune.generation.decoder import Decoder
 
     model, _ = models.load_causal_lm(tiny_chat_model, device=torch.device("cuda"))
     prompts = [[1, 2, 3, 4], [5, 6]]

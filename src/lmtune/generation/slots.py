@@ -13,7 +13,7 @@ key/value at its own position (its length), is masked to its own filled position
 position, so a row decodes exactly as it would alone. The cache grows in length on demand (doubling, up to
 the model's context), never in rows.
 
-On a Llama-family model this is the decoder's own static cache (`lmtune.decode.LlamaRunner`); any other
+On a Llama-family model this is the decoder's own static cache (`lmtune.generation.decoder.LlamaRunner`); any other
 causal LM runs its own forward with a `DynamicCache`, rows sharing columns: a joining prefill is left-padded
 to the running batch's width, and the attention mask and position ids keep every row's own positions.
 """
@@ -24,7 +24,7 @@ import torch
 
 
 def slots(decoder, size: int, max_len: int):
-    """The slot cache for `decoder` (a lmtune.decode.Decoder): static on the fast path, dynamic otherwise."""
+    """The slot cache for `decoder` (a generation.decoder.Decoder): static on the fast path, dynamic otherwise."""
     return StaticSlots(decoder.runner, size, max_len) if decoder.fast else DynamicSlots(decoder.runner, size)
 
 

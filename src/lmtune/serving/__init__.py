@@ -1,1 +1,2 @@
-"""Serving building blocks: the continuous batcher that `lmtune serve` puts behind its HTTP routes."""
+"""Serving: the OpenAI-compatible API (`api`, with its request bodies and errors) and the continuous batcher
+(`batcher`) it puts the requests on; `lmtune serve` (lmtune/serve.py) loads the model and runs them."""

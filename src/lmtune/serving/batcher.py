@@ -1,6 +1,6 @@
 """Continuous batching for serving: concurrent requests share one decoder step, each in its own cache slot.
 
-One worker thread owns the decoder (`lmtune.decode.Decoder`, the one `lmtune generate` uses) and a
+One worker thread owns the decoder (`lmtune.generation.decoder.Decoder`, the one `lmtune generate` uses) and a
 preallocated slot cache (`lmtune.generation.slots`) of `max_batch` rows. Each step it admits the requests
 that arrived since the last one (a prefill of their own into free slots), picks every running row's next
 token with that request's own sampling settings (`lmtune.generation.sampling.pick_each`), hands it to the

@@ -264,11 +264,12 @@ class Playground:
 def _serve_app(folder: Path, run_id: str):
     from lmtune import serve
     from lmtune.config import ServeConfig
+    from lmtune.serving import api
 
     cfg = ServeConfig(model=str(folder), model_name=run_id, max_tokens=256)
     model, tokenizer, meta = serve.load_model(cfg)
-    state = serve.make_state(model, tokenizer, cfg, meta)
-    return run_id, serve.create_app(state), state
+    state = api.make_state(model, tokenizer, cfg, meta)
+    return run_id, api.create_app(state), state
 
 
 class Guard:

@@ -155,12 +155,12 @@ def encode_all(rows: list[dict], tokenizer, max_length: int, path: str, empty_ok
 
 
 def respond(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    """Greedy answers to user prompts, batched with left padding: through `lmtune.decode` when it can run
+    """Greedy answers to user prompts, batched with left padding: through `lmtune.generation.decoder` when it can run
     the model as it is (fp32 or one dtype throughout, no autocast, no adapter it would have to merge),
     else through HF's generate. Both give the same greedy tokens in fp32."""
     import torch
 
-    from lmtune.decode import Decoder
+    from lmtune.generation.decoder import Decoder
     from lmtune.generation.sampling import stop_ids
 
     model.eval()

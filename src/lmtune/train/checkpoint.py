@@ -22,7 +22,6 @@ from contextlib import contextmanager
 import random
 import shutil
 import sys
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -80,8 +79,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, keep: int
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DCP warns when it runs without a process group
             dcp.save(_states(model, optimizer), checkpoint_id=str(tmp / "dcp"))
-        # fault injection for tests: widen the window in which a kill finds a half-written checkpoint
-        time.sleep(float(os.environ.get("LMTUNE_TEST_CHECKPOINT_DELAY_S", "0")))
         if w.is_main:
             meta = {"step": step, "scheduler": scheduler.state_dict(), "world_size": w.size, "extra": extra or {},
                     "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),

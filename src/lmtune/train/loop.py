@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from lmtune.config import to_dict
 from lmtune.data.batching import count_targets
 from lmtune.device import of as device_of
 from lmtune.device import resolve as resolve_device
@@ -231,7 +232,8 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
             plan.fixed = steps = plan.total = state["extra"]["planned_steps"]
         if w.is_main:
             print(f"resuming from step {start} ({path})", file=sys.stderr)
-    log = MetricsLog(out, resume_step=start if cfg.resume else None) if w.is_main else _NoLog()
+    log = MetricsLog(out, resume_step=start if cfg.resume else None, report_to=cfg.report_to,
+                     config=to_dict(cfg) if cfg.report_to else None) if w.is_main else _NoLog()
     if first is not None and start == 0:
         log.write({"step": 0, **first})
         if w.is_main:

@@ -11,9 +11,10 @@ keys and values into one preallocated cache and builds no masks per step beyond 
 architectures go through the model's own forward with a `DynamicCache` (same loop, less speed-up).
 
 Matrices whose fp32 values are exactly GGUF blocks (every layer of a model converted from a Q4_1/Q8_0 GGUF
-file, as the default SmolLM2 is) are read in that form through `lmtune.blocks`: the same fp32 weights and
-fp32 sums from 0.6-1.1 bytes a weight instead of 4, which is most of a batch-1 token's time. Anything else
-(a fine-tuned model, bf16, no C++ compiler, `gguf_blocks=False`, `LMTUNE_NO_KERNELS=1`) reads dense tensors.
+file, as the default SmolLM2 is) are read in that form through `lmtune.generation.gguf_weights`: the same
+fp32 weights and fp32 sums from 0.6-1.1 bytes a weight instead of 4, which is most of a batch-1 token's
+time. Anything else (a fine-tuned model, bf16, no C++ compiler, `gguf_blocks=False`, `LMTUNE_NO_KERNELS=1`)
+reads dense tensors.
 
 Greedy output is the same as `model.generate(do_sample=False)`: same left padding, same positions (count of
 real tokens), same per-row stop at EOS (a finished row then yields `pad_id`, as HF does), same fp32 math
@@ -37,9 +38,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmtune import blocks
+from lmtune.generation import gguf_weights
 from lmtune.errors import LmtuneError
-from lmtune.generation.sampling import pick  # noqa: F401  (the one sampler; also lmtune.decode.pick)
+from lmtune.generation.sampling import pick  # noqa: F401  (the one sampler; also lmtune.generation.decoder.pick)
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # position-independent tables: safe to precompute
 
@@ -106,12 +107,12 @@ def lora_side(*modules):
 
 def linear(x, w, b=None, lora=None):
     """F.linear, or for an Int8 `w` the int8 kernel (few rows) or the bf16 matmul (many), bf16 inside, or
-    for a blocks.Block the lossless block kernel (few rows) or the dense fp32 matmul (many); plus an
+    for a gguf_weights.Block the lossless block kernel (few rows) or the dense fp32 matmul (many); plus an
     unmerged LoRA side (A, B, s) when given, in peft's order."""
     if lora is not None:
         return linear(x, w, b) + F.linear(F.linear(x, lora[0]), lora[1]) * lora[2]
-    if isinstance(w, blocks.Block):
-        return blocks.linear(x, w, b)
+    if isinstance(w, gguf_weights.Block):
+        return gguf_weights.linear(x, w, b)
     if not isinstance(w, Int8):
         return F.linear(x, w, b)
     x2 = x.reshape(-1, x.shape[-1]).bfloat16()
@@ -157,12 +158,12 @@ class LlamaRunner:
                 for k in ("wqkv", "wo", "wgu", "wd"):
                     L[k] = Int8(L[k])
             self.head = Int8(self.head)
-        elif gguf_blocks and self.dtype == torch.float32 and self.emb.device.type == "cpu" and blocks.available():
-            # lossless: matrices that are exactly GGUF blocks are read in that form (see lmtune.blocks)
+        elif gguf_blocks and self.dtype == torch.float32 and self.emb.device.type == "cpu" and gguf_weights.available():
+            # lossless: matrices that are exactly GGUF blocks are read in that form (see lmtune.generation.gguf_weights)
             for L in self.layers:
                 for k in ("wqkv", "wo", "wgu", "wd"):
-                    L[k] = blocks.factor(L[k]) or L[k]
-            self.head = blocks.factor(self.head) or self.head
+                    L[k] = gguf_weights.factor(L[k]) or L[k]
+            self.head = gguf_weights.factor(self.head) or self.head
         self.k = self.v = None  # the cache: (layers, batch, kv heads, length, head_dim), made by `reset`
 
     def reset(self, batch: int, length: int) -> None:
@@ -308,7 +309,7 @@ class Decoder:
         """Whether a peft model is plain LoRA on a Llama whose base weights are GGUF blocks (so that the
         runner reads the base in block form and adds the adapters unmerged)."""
         base = model.get_base_model()
-        if not LlamaRunner.supports(base) or getattr(model, "modules_to_save", None) or not blocks.available() \
+        if not LlamaRunner.supports(base) or getattr(model, "modules_to_save", None) or not gguf_weights.available() \
                 or next(base.parameters()).device.type != "cpu":  # the block kernel is a CPU one
             return False
         layers = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -319,7 +320,7 @@ class Decoder:
         if not tuned or any(name.rsplit(".", 1)[-1] not in layers for name, _ in tuned):
             return False
         first = base.model.layers[0].mlp.gate_proj
-        return blocks.factor(getattr(first, "base_layer", first).weight) is not None
+        return gguf_weights.factor(getattr(first, "base_layer", first).weight) is not None
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(), pad_id: int = 0,
