@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmtune.generation import gguf_weights
+from lmtune.generation import gguf_weights, kernels
 from lmtune.errors import LmtuneError
 from lmtune.generation.sampling import pick  # noqa: F401  (the one sampler; also lmtune.generation.decoder.pick)
 
@@ -59,15 +59,33 @@ def rms_norm(x, w, eps):
 class Int8:
     """A weight matrix (out, in) as int8 rows with one bf16 scale per row (symmetric, absmax/127), plus a bf16
     copy: torch's int8 kernel is a matrix-vector one (its time grows with the rows), so a few rows (decoding)
-    go through it and many rows (prefill, big batches) through the bf16 matmul, which is fast on the CPU."""
-
-    ROWS = 4  # at most this many rows take the int8 kernel (measured crossover on a 2-core Xeon: ~5-8)
+    go through it and more rows through the bf16 matmul; where the two cross is measured on the machine
+    (`kernel[i]`: rows in kernels.BUCKETS[i] take the int8 kernel; more than 16 rows never do)."""
 
     def __init__(self, w: torch.Tensor):
         w = w.detach().float()
         scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
         self.q, self.scale = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.bfloat16()
         self.bf16 = w.bfloat16()
+        self.kernel = (True,) * len(kernels.BUCKETS)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.bf16.shape
+
+    def int8(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+
+    @staticmethod
+    def choose(mats: list) -> dict:
+        """Sets each matrix's `kernel` to what was measured faster here for its shape and rows; the table."""
+        picks, table = kernels.choose(
+            "int8", ("dense", "int8"), mats, lambda w: f"{w.shape[0]}x{w.shape[1]}",
+            lambda name, w, x: w.int8(x.bfloat16()) if name == "int8" else F.linear(x.bfloat16(), w.bf16),
+            lambda w: w.bf16.numel() * 2)
+        for w, pick in zip(mats, picks):
+            w.kernel = tuple(p == "int8" for p in pick)
+        return table
 
 
 def lora_adapter(module):
@@ -116,7 +134,8 @@ def linear(x, w, b=None, lora=None):
     if not isinstance(w, Int8):
         return F.linear(x, w, b)
     x2 = x.reshape(-1, x.shape[-1]).bfloat16()
-    y = torch.ops.aten._weight_int8pack_mm(x2, w.q, w.scale) if x2.shape[0] <= w.ROWS else F.linear(x2, w.bf16)
+    M = x2.shape[0]
+    y = w.int8(x2) if M <= kernels.BUCKETS[-1] and w.kernel[kernels.bucket(M)] else F.linear(x2, w.bf16)
     y = y.to(x.dtype).view(*x.shape[:-1], -1)
     return y if b is None else y + b
 
@@ -153,17 +172,23 @@ class LlamaRunner:
                 lgu=lora_side(mlp.gate_proj, mlp.up_proj), ld=lora_side(mlp.down_proj)))
         self.emb, self.norm = m.embed_tokens.weight.detach(), m.norm.weight.detach()
         self.head = model.lm_head.weight.detach()
+        # which kernel each matrix takes at each row count, as measured here: {shape: [times per row bucket]}
+        self.kernels = {}
+        keys = ("wqkv", "wo", "wgu", "wd")
         if quantize == "int8":
             for L in self.layers:
-                for k in ("wqkv", "wo", "wgu", "wd"):
+                for k in keys:
                     L[k] = Int8(L[k])
             self.head = Int8(self.head)
+            self.kernels = Int8.choose([L[k] for L in self.layers for k in keys] + [self.head])
         elif gguf_blocks and self.dtype == torch.float32 and self.emb.device.type == "cpu" and gguf_weights.available():
             # lossless: matrices that are exactly GGUF blocks are read in that form (see lmtune.generation.gguf_weights)
-            for L in self.layers:
-                for k in ("wqkv", "wo", "wgu", "wd"):
-                    L[k] = gguf_weights.factor(L[k]) or L[k]
-            self.head = gguf_weights.factor(self.head) or self.head
+            # for the row counts where the block kernel is the faster one on this machine
+            mats = [gguf_weights.factor(L[k]) or L[k] for L in self.layers for k in keys]
+            mats, self.kernels = gguf_weights.choose(mats + [gguf_weights.factor(self.head) or self.head])
+            for i, w in enumerate(mats[:-1]):
+                self.layers[i // len(keys)][keys[i % len(keys)]] = w
+            self.head = mats[-1]
         self.k = self.v = None  # the cache: (layers, batch, kv heads, length, head_dim), made by `reset`
 
     def reset(self, batch: int, length: int) -> None:

@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 16  # more rows than this (a prefill) go through the dense fp32 matmul (measured here: faster from ~24 rows)
+from lmtune.generation import kernels
+
+MAX_ROWS = kernels.BUCKETS[-1]  # more rows than this (a prefill) go through the dense fp32 matmul
 
 SOURCE = r"""
 #include <stdint.h>
@@ -128,13 +130,20 @@ extern "C" void block_linear(int bits, long M, long N, long K, const float* x, c
 @dataclass
 class Block:
     """A (N, K) fp32 matrix as block integers `q` (uint8: two 4-bit values a byte, or int8 bytes), and one
-    fp32 step `d` and offset `m` per 32 weights of a row (N, K/32). `dense` is the fp32 matrix itself."""
+    fp32 step `d` and offset `m` per 32 weights of a row (N, K/32). `dense` is the fp32 matrix itself.
+    `kernel[i]`: whether rows in kernels.BUCKETS[i] take the block kernel (else the dense matmul); `choose`
+    measures it."""
 
     bits: int
     q: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor
     dense: torch.Tensor
+    kernel: tuple = (True,) * len(kernels.BUCKETS)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.dense.shape
 
     @property
     def nbytes(self) -> int:
@@ -212,14 +221,34 @@ def available() -> bool:
 
 
 def linear(x: torch.Tensor, w: Block, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w.dense, b), reading the block form when x has few rows (decoding)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > MAX_ROWS or x.dtype != torch.float32:
+    """F.linear(x, w.dense, b), reading the block form when x has few rows (decoding) and the block kernel
+    was the faster one here for that many rows (`choose`)."""
+    M = x.numel() // x.shape[-1]
+    if M > MAX_ROWS or x.dtype != torch.float32 or not w.kernel[kernels.bucket(M)]:
         return F.linear(x, w.dense, b)
-    x2 = x2.contiguous()
-    M, (N, K) = x2.shape[0], w.dense.shape
-    y = torch.empty(M, N)
-    _library().block_linear(w.bits, M, N, K, x2.data_ptr(), w.q.data_ptr(), w.d.data_ptr(), w.m.data_ptr(),
-                            y.data_ptr(), torch.get_num_threads())
-    y = y.view(*x.shape[:-1], N)
+    y = _kernel(x.reshape(M, -1), w).view(*x.shape[:-1], -1)
     return y if b is None else y + b
+
+
+def _kernel(x: torch.Tensor, w: Block) -> torch.Tensor:
+    """x (M, K) fp32 times the block matrix, by the C++ kernel."""
+    x = x.contiguous()
+    M, (N, K) = x.shape[0], w.dense.shape
+    y = torch.empty(M, N)
+    _library().block_linear(w.bits, M, N, K, x.data_ptr(), w.q.data_ptr(), w.d.data_ptr(), w.m.data_ptr(),
+                            y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def choose(mats: list) -> tuple[list, dict]:
+    """Sets each Block's `kernel` to what was measured faster here for its shape (N, K, bits) and rows
+    (lmtune.generation.kernels); returns `mats` with a Block that the dense matmul beats at every row
+    count replaced by its dense tensor (its d, q, m freed), and the table of times by shape."""
+    blocks = [w for w in mats if isinstance(w, Block)]
+    picks, table = kernels.choose(
+        "blocks", ("dense", "blocks"), blocks, lambda w: f"{w.shape[0]}x{w.shape[1]} q{w.bits}",
+        lambda name, w, x: _kernel(x, w) if name == "blocks" else F.linear(x, w.dense),
+        lambda w: w.dense.numel() * 4)
+    for w, pick in zip(blocks, picks):
+        w.kernel = tuple(p == "blocks" for p in pick)
+    return [w.dense if isinstance(w, Block) and not any(w.kernel) else w for w in mats], table
