@@ -188,14 +188,16 @@ def snapped(folder):
     return model
 
 
-def test_gguf_block_weights_decode_exactly_as_hf(tiny, tiny_chat_model):
-    """A model whose weights are GGUF blocks (as a converted GGUF's are) is decoded through the block kernel,
-    and greedy output is token for token HF's fp32 generate; one matrix moved off the grid stays dense."""
+def test_gguf_block_weights_decode_exactly_as_hf(tiny, tiny_chat_model, monkeypatch):
+    """A model whose weights are GGUF blocks (as a converted GGUF's are) is decoded through the block kernel
+    (forced: at the tiny model's shapes the dense matmul is measured faster), and greedy output is token for
+    token HF's fp32 generate; one matrix moved off the grid stays dense."""
     from lmtune import models
     from lmtune.generation import gguf_weights
 
     if not gguf_weights.available():
         pytest.skip("no block kernel on this machine")
+    monkeypatch.setenv("LMTUNE_KERNELS", "blocks")
     _, tok, ids = tiny
     model = snapped(tiny_chat_model)
     with torch.no_grad():
@@ -210,7 +212,7 @@ def test_gguf_block_weights_decode_exactly_as_hf(tiny, tiny_chat_model):
                                                                        pad_id=tok.pad_token_id))
 
 
-def test_lora_on_a_block_base_stays_unmerged(tiny, tiny_chat_model):
+def test_lora_on_a_block_base_stays_unmerged(tiny, tiny_chat_model, monkeypatch):
     """A LoRA adapter on a GGUF-block base is added beside the block kernel instead of merged (merging would
     leave the block form): greedy output is peft's unmerged generate, token for token."""
     from peft import LoraConfig, get_peft_model
@@ -219,6 +221,7 @@ def test_lora_on_a_block_base_stays_unmerged(tiny, tiny_chat_model):
 
     if not gguf_weights.available():
         pytest.skip("no block kernel on this machine")
+    monkeypatch.setenv("LMTUNE_KERNELS", "blocks")
     _, tok, ids = tiny
     torch.manual_seed(0)
     peft_model = get_peft_model(snapped(tiny_chat_model), LoraConfig(
@@ -240,9 +243,10 @@ def test_lora_on_a_block_base_stays_unmerged(tiny, tiny_chat_model):
     assert torch.equal(ours, ref)
 
 
-def test_smollm2_decodes_from_its_gguf_blocks_as_hf(smollm2_dir):
+def test_smollm2_decodes_from_its_gguf_blocks_as_hf(smollm2_dir, monkeypatch):
     """The default model's every matrix is exactly a GGUF block (Q4_1 layers, Q8_0 embedding): all of them
-    are read in block form, and greedy output equals HF's fp32 generate."""
+    are read in block form (forced), and greedy output equals HF's fp32 generate; so does the output with
+    the kernels this machine measured faster."""
     from lmtune import models
     from lmtune.generation import gguf_weights
     from lmtune.tasks import instruct
@@ -251,12 +255,18 @@ def test_smollm2_decodes_from_its_gguf_blocks_as_hf(smollm2_dir):
         pytest.skip("no block kernel on this machine")
     model, tok = models.load_causal_lm(smollm2_dir)
     model.eval()
+    monkeypatch.setenv("LMTUNE_KERNELS", "blocks")
     dec = Decoder(model)
     assert all(isinstance(L[k], gguf_weights.Block) for L in dec.runner.layers for k in ("wqkv", "wo", "wgu", "wd"))
     assert [L["wgu"].bits for L in dec.runner.layers] == [4] * 30 and dec.runner.head.bits == 8
     prompts = [tok(instruct.prompt_text(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
     ours = dec.generate(prompts, 16, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
-    assert torch.equal(ours, hf_generate(model, tok, prompts, 16, tok.eos_token_id))
+    ref = hf_generate(model, tok, prompts, 16, tok.eos_token_id)
+    assert torch.equal(ours, ref)
+    monkeypatch.delenv("LMTUNE_KERNELS")
+    dec = Decoder(model)
+    assert set(dec.runner.kernels) == {"960x576 q4", "576x576 q4", "3072x576 q4", "576x1536 q4", "49152x576 q8"}
+    assert torch.equal(dec.generate(prompts, 16, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id), ref)
 
 
 def test_no_compiler_means_dense_weights(tiny, monkeypatch):

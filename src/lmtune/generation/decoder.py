@@ -278,6 +278,7 @@ class Decoder:
                  keep_model: bool = False):
         # keep_model: never merge an adapter into `model` (serve shares it with a task's predict): a model
         # that cannot run unchanged goes through its own forward instead
+        kernels.forced()  # a bad LMTUNE_KERNELS is an error whatever the model
         if keep_model and not self.runs_unchanged(model):
             model.eval()
             self.runner, self.fast, self.compile, self._step = HFRunner(model), False, False, None
