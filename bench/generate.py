@@ -14,8 +14,10 @@ weight-only int8 made from the fp32 weights, against HF fp32). Agreement is
 against HF fp32: rows whose token ids are all identical, and the share of identical token positions.
 
 "lmtune fp32" reads the matrices that are exactly GGUF blocks (all of SmolLM2's: it comes from a Q4_1 GGUF)
-in that form, with the same fp32 values and fp32 sums (lmtune/generation/gguf_weights.py); "lmtune fp32 dense" reads the
-dense fp32 tensors, as it would for a fine-tuned model.
+in that form, with the same fp32 values and fp32 sums (lmtune/generation/gguf_weights.py), at the shapes and
+row counts where the block kernel measured faster than the dense matmul on this machine (printed at the
+end; lmtune/generation/kernels.py); "lmtune fp32 dense" reads the dense fp32 tensors, as it would for a
+fine-tuned model.
 """
 
 from __future__ import annotations
@@ -88,6 +90,14 @@ def weight_read_floor(model) -> tuple[float, int]:
                 F.linear(xs[w.shape[1]], w)
             times.append(time.perf_counter() - t)
     return sorted(times[1:])[2], sum(w.numel() * w.element_size() for w in mats)
+
+
+def kernel_lines(name: str, runner) -> list[str]:
+    """One line per matrix shape: the kernel lmtune.generation.kernels measured fastest (or was forced to)
+    at each row bucket, with the times it measured."""
+    return [f"{name} kernels for {shape} at 1 | 2-4 | 5-8 | 9-16 rows (us a matrix): " + " | ".join(
+        t["pick"] + " (" + ", ".join(f"{k} {v:.0f}" for k, v in t.items() if k != "pick") + ")" for t in buckets)
+        for shape, buckets in getattr(runner, "kernels", {}).items()]
 
 
 def main() -> None:
@@ -176,6 +186,11 @@ def main() -> None:
           f"values): {sum(w.nbytes for w in packed) / 1e6:.0f} MB a token for them instead of "
           f"{sum(w.dense.numel() * 4 for w in packed) / 1e6:.0f} MB; 'lmtune fp32 dense' reads them all dense."
           + ("" if gguf_weights.available() else " (no C++ compiler here: no block kernel)"))
+    for name in ("lmtune fp32", "lmtune int8"):
+        for line in kernel_lines(name, contenders[name].dec.runner):
+            print(line)
+    if os.environ.get("LMTUNE_KERNELS"):
+        print(f"LMTUNE_KERNELS={os.environ['LMTUNE_KERNELS']}: that kernel forced wherever it is a candidate")
 
 
 if __name__ == "__main__":

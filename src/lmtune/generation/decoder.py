@@ -13,7 +13,8 @@ architectures go through the model's own forward with a `DynamicCache` (same loo
 Matrices whose fp32 values are exactly GGUF blocks (every layer of a model converted from a Q4_1/Q8_0 GGUF
 file, as the default SmolLM2 is) are read in that form through `lmtune.generation.gguf_weights`: the same
 fp32 weights and fp32 sums from 0.6-1.1 bytes a weight instead of 4, which is most of a batch-1 token's
-time. Anything else (a fine-tuned model, bf16, no C++ compiler, `gguf_blocks=False`, `LMTUNE_NO_KERNELS=1`)
+time, at the shapes and row counts where that measured faster than the dense matmul on this machine
+(`lmtune.generation.kernels`; `LMTUNE_KERNELS=dense|blocks` forces one). Anything else (a fine-tuned model, bf16, no C++ compiler, `gguf_blocks=False`, `LMTUNE_NO_KERNELS=1`)
 reads dense tensors.
 
 Greedy output is the same as `model.generate(do_sample=False)`: same left padding, same positions (count of
@@ -24,9 +25,10 @@ top-k, then top-p, in HF's order, and draws from a seeded generator.
 `quantize="int8"` stores the Llama runner's matrices (and the output layer) as int8 with one scale per output
 row and multiplies them with torch's weight-only int8 kernel (bf16 activations in, fp32 back out; norms,
 rotary, attention and the cache stay in the model's precision). A decoded token then reads a quarter of
-the fp32 bytes. Prefill and batches of more than 4 rows use a bf16 copy of the weights instead (the int8
-kernel is matrix-vector; bf16 matmuls are fast on CPUs with AMX/AVX512-BF16). The output is no longer
-identical to fp32 greedy decoding; bench/generate.py states how often it agrees.
+the fp32 bytes. Prefill uses a bf16 copy of the weights instead (the int8 kernel is matrix-vector; bf16
+matmuls are fast on CPUs with AMX/AVX512-BF16), and so do batches of up to 16 rows at the shapes where it
+measured faster on this machine (lmtune.generation.kernels). The output is no longer identical to fp32
+greedy decoding; bench/generate.py states how often it agrees.
 
 `compile=True` compiles the single-token step with torch.compile (static shapes: the cache is attended
 over its full, masked length). It costs a compile per (batch, cache length) and pays only where Python

@@ -14,7 +14,8 @@ only the order of the sum differs.
 The kernels (below, ~80 lines of C++) are compiled once per machine with the system compiler (`c++ -O3
 -march=native -fopenmp`, 0.4 s here) into the lmtune cache and loaded with ctypes. They run on torch's own
 OpenMP threads: torch has already loaded its libgomp.so.1, so the library binds to that one. No compiler,
-or a failed build: `available()` is False and callers keep dense weights.
+or a failed build: `available()` is False and callers keep dense weights. Whether the kernel or the dense
+fp32 matmul is faster depends on the machine and the rows: `choose` measures it (lmtune.generation.kernels).
 """
 
 from __future__ import annotations
