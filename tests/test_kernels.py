@@ -12,7 +12,7 @@ import torch
 from lmtune.errors import LmtuneError
 from lmtune.generation import gguf_weights, kernels
 from lmtune.generation.decoder import Decoder, Int8
-from test_decode import hf_generate, snap, snapped  # noqa: I001  (tests/ is on sys.path)
+from test_decode import hf_generate, snap, snapped
 
 pytestmark = pytest.mark.skipif(not gguf_weights.available(), reason="no block kernel on this machine")
 
