@@ -92,6 +92,29 @@ def weight_read_floor(model) -> tuple[float, int]:
     return sorted(times[1:])[2], sum(w.numel() * w.element_size() for w in mats)
 
 
+def token_bytes(name: str, contender, fp32_bytes: int) -> int:
+    """Bytes of weights a decoded token reads at batch 1 on `name`'s path: HF's fp32/bf16 tensors, or the
+    matrices of lmtune's runner as it holds them (GGUF blocks where the 1-row kernel is the block one, int8 +
+    scales, dense fp32 or bf16)."""
+    import torch
+
+    from lmtune.generation import gguf_weights
+    from lmtune.generation.decoder import Int8
+
+    runner = getattr(getattr(contender, "dec", None), "runner", None)
+    if runner is None or not hasattr(runner, "layers"):
+        return fp32_bytes // 2 if "bf16" in name else fp32_bytes
+    total = 0
+    for w in [L[k] for L in runner.layers for k in ("wqkv", "wo", "wgu", "wd")] + [runner.head]:
+        if isinstance(w, gguf_weights.Block):
+            total += w.nbytes if w.kernel[0] else w.dense.numel() * 4
+        elif isinstance(w, Int8):
+            total += w.q.numel() + 2 * w.scale.numel() if w.kernel[0] else 2 * w.bf16.numel()
+        elif isinstance(w, torch.Tensor):
+            total += w.numel() * w.element_size()
+    return total
+
+
 def kernel_lines(name: str, runner) -> list[str]:
     """One line per matrix shape: the kernel lmtune.generation.kernels measured fastest (or was forced to)
     at each row bucket, with the times it measured."""
@@ -186,6 +209,12 @@ def main() -> None:
           f"values): {sum(w.nbytes for w in packed) / 1e6:.0f} MB a token for them instead of "
           f"{sum(w.dense.numel() * 4 for w in packed) / 1e6:.0f} MB; 'lmtune fp32 dense' reads them all dense."
           + ("" if gguf_weights.available() else " (no C++ compiler here: no block kernel)"))
+    rate = nbytes / floor  # bytes/s: the machine's memory bandwidth, measured above
+    for name in [n for (bs, n) in results if bs == 1]:
+        read = token_bytes(name, contenders[name], nbytes)
+        speed = results[1, name]["tokens"] / results[1, name]["seconds"]
+        print(f"floor for {name} at batch 1: reads {read / 1e6:.0f} MB a token, so at most {rate / read:.1f} "
+              f"tokens/s at {rate / 1e9:.1f} GB/s; it reached {speed:.1f} ({100 * speed * read / rate:.0f}% of its floor)")
     for name in ("lmtune fp32", "lmtune int8"):
         for line in kernel_lines(name, contenders[name].dec.runner):
             print(line)
