@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
             require(package, extra, f"lmtune {verb}")
         module, func = VERBS[verb][1].split(":")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # peft imports bitsandbytes when it is installed; on an AVX512-bf16 CPU its import logs a warning about
+        # an optional hub kernel package on stderr, for every LoRA verb. Its errors still reach the user.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         _resume_after_elastic_restart(cfg)
         getattr(importlib.import_module(module), func)(cfg)
     except LmtuneError as e:

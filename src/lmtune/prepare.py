@@ -64,8 +64,14 @@ def cache_folder(inputs: list[str], tokenizer, text_column: str, val_split: floa
 def prepare(cfg: PrepareConfig) -> Path:
     from lmtune.data import shards, sources
 
+    from lmtune import files
+
     inputs = sources.expand(cfg.data)
     out = Path(cfg.out)
+    # the shards go next to the corpus, never into it (a folder of text, a data set folder, a tokenizer)
+    files.check_outputs([("--out", out)], files.local_inputs(data=cfg.data, tokenizer=cfg.tokenizer,
+                                                             config=getattr(cfg, "_config_file", ""))
+                        + [x for i in inputs for x in files.local_inputs(data=Path(i))])
     if out.exists() and not out.is_dir():
         raise LmtuneError(f"--out {cfg.out} is a file: give a folder")
     if out.is_dir() and any(out.iterdir()) and shards.read_manifest(out) is None:
