@@ -119,7 +119,6 @@ static void rows512(const float* x, const uint8_t* q, const float* d, const floa
     const uint8_t* qn = q + n * row_bytes;
     const float* dn = d + n * nb;
     const float* mn = m + n * nb;
-    _mm_prefetch((const char*)(qn + 8 * row_bytes), _MM_HINT_T0);
     __m512 a0[R], a1[R];
     for (int r = 0; r < R; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -169,14 +168,9 @@ template <int BITS> static void dispatch(int R, const float* x, const uint8_t* q
     case 1: rows512<BITS, 1>(x, q, d, m, y, N, K, n0, n1); break;
     case 2: rows512<BITS, 2>(x, q, d, m, y, N, K, n0, n1); break;
     case 3: rows512<BITS, 3>(x, q, d, m, y, N, K, n0, n1); break;
-    case 4: rows512<BITS, 4>(x, q, d, m, y, N, K, n0, n1); break;
-    case 5: rows512<BITS, 5>(x, q, d, m, y, N, K, n0, n1); break;
-    case 6: rows512<BITS, 6>(x, q, d, m, y, N, K, n0, n1); break;
-    case 7: rows512<BITS, 7>(x, q, d, m, y, N, K, n0, n1); break;
-    default: rows512<BITS, 8>(x, q, d, m, y, N, K, n0, n1); break;
+    default: rows512<BITS, 4>(x, q, d, m, y, N, K, n0, n1); break;
   }
 }
-static const int GROUP = 8;  // rows of x per pass over a block of the matrix
 #else
 template <int BITS> static void dispatch(int R, const float* x, const uint8_t* q, const float* d,
                                          const float* m, float* y, long N, long K, long n0, long n1) {
@@ -188,7 +182,6 @@ template <int BITS> static void dispatch(int R, const float* x, const uint8_t* q
   }
 }
 
-static const int GROUP = 4;
 #endif
 
 // Finds d, q, m for every block of w (N, K) and returns 1 if d*q + m reproduces every weight exactly.
@@ -226,8 +219,8 @@ extern "C" void block_linear(int bits, long M, long N, long K, const float* x, c
   #pragma omp parallel for num_threads(threads) schedule(static)
   for (long c = 0; c < (N + 15) / 16; ++c) {
     const long n0 = c * 16, n1 = std::min(N, n0 + 16);
-    for (long r = 0; r < M; r += GROUP) {
-      const int R = (int)std::min((long)GROUP, M - r);
+    for (long r = 0; r < M; r += 4) {
+      const int R = (int)std::min(4L, M - r);
       if (bits == 4) dispatch<4>(R, x + r * K, q, d, m, y + r * N, N, K, n0, n1);
       else dispatch<8>(R, x + r * K, q, d, m, y + r * N, N, K, n0, n1);
     }
