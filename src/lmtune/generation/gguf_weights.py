@@ -11,8 +11,10 @@ only the order of the sum differs.
     blk = factor(w)                 # a Block, or None when w is not exactly in block form
     y = linear(x, blk)              # == F.linear(x, w) up to fp32 summation order
 
-The kernels (below, ~80 lines of C++) are compiled once per machine with the system compiler (`c++ -O3
--march=native -fopenmp`, 0.4 s here) into the lmtune cache and loaded with ctypes. They run on torch's own
+The kernels (below, ~180 lines of C++) are compiled once per machine with the system compiler (`c++ -O3
+-march=native -fopenmp`, 0.4 s here) into the lmtune cache and loaded with ctypes. Where the compiler has
+AVX-512, the block product runs a vector version of the portable loops that gives the very same fp32
+outputs (tests/test_kernels.py checks it against the portable build, `-DLMTUNE_PORTABLE`). They run on torch's own
 OpenMP threads: torch has already loaded its libgomp.so.1, so the library binds to that one. No compiler,
 or a failed build: `available()` is False and callers keep dense weights. Whether the kernel or the dense
 fp32 matmul is faster depends on the machine and the rows: `choose` measures it (lmtune.generation.kernels).
