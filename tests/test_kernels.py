@@ -131,3 +131,33 @@ def test_a_bad_kernels_value_is_one_line(tiny_chat_model, monkeypatch):
     with pytest.raises(LmtuneError) as e:
         Decoder(model, gguf_blocks=False)
     assert "\n" not in str(e.value) and "dense, blocks, int8" in str(e.value)
+
+
+def test_vector_kernel_is_bit_identical_to_the_portable_one(tmp_path):
+    """Where the compiler has AVX-512, the block kernel runs its own code for speed (#25); it must give the
+    very fp32 outputs of the portable loops (same weights, fused products, lane order), at any row count."""
+    import ctypes
+    import os
+    import subprocess
+
+    src, so = tmp_path / "blocks.cpp", tmp_path / "portable.so"
+    src.write_text(gguf_weights.SOURCE)
+    cmd = [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+           "-DLMTUNE_PORTABLE", str(src), "-o", str(so)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    portable = ctypes.CDLL(str(so))
+    portable.block_linear.argtypes = gguf_weights._library().block_linear.argtypes
+    torch.manual_seed(0)
+    for bits in (4, 8):
+        for N, K in ((37, 64), (100, 576), (49, 1536)):
+            w = snap(torch.randn(N, K) * 0.05, bits)
+            w[3] = 0  # a zero row: d = 0
+            blk = gguf_weights.factor(w)
+            assert blk is not None and blk.bits == bits
+            for M in range(1, 17):
+                x = torch.randn(M, K) * torch.logspace(-3, 3, K)[torch.randperm(K)]
+                x[0, :5] = -0.0
+                y = torch.empty(M, N)
+                portable.block_linear(bits, M, N, K, x.data_ptr(), blk.q.data_ptr(), blk.d.data_ptr(), blk.m.data_ptr(),
+                                      y.data_ptr(), torch.get_num_threads())
+                assert torch.equal(gguf_weights._kernel(x, blk).view(torch.int32), y.view(torch.int32)), (bits, N, K, M)

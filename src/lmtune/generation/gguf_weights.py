@@ -11,8 +11,10 @@ only the order of the sum differs.
     blk = factor(w)                 # a Block, or None when w is not exactly in block form
     y = linear(x, blk)              # == F.linear(x, w) up to fp32 summation order
 
-The kernels (below, ~80 lines of C++) are compiled once per machine with the system compiler (`c++ -O3
--march=native -fopenmp`, 0.4 s here) into the lmtune cache and loaded with ctypes. They run on torch's own
+The kernels (below, ~180 lines of C++) are compiled once per machine with the system compiler (`c++ -O3
+-march=native -fopenmp`, 0.4 s here) into the lmtune cache and loaded with ctypes. Where the compiler has
+AVX-512, the block product runs a vector version of the portable loops that gives the very same fp32
+outputs (tests/test_kernels.py checks it against the portable build, `-DLMTUNE_PORTABLE`). They run on torch's own
 OpenMP threads: torch has already loaded its libgomp.so.1, so the library binds to that one. No compiler,
 or a failed build: `available()` is False and callers keep dense weights. Whether the kernel or the dense
 fp32 matmul is faster depends on the machine and the rows: `choose` measures it (lmtune.generation.kernels).
@@ -73,6 +75,105 @@ static void rows(const float* x, const uint8_t* q, const float* d, const float* 
   }
 }
 
+#if defined(__AVX512F__) && !defined(LMTUNE_PORTABLE)
+#include <immintrin.h>
+#define LMTUNE_AVX512 1
+// The same arithmetic as `rows` (the portable code below), in AVX-512 registers: for every weight
+// w = fma(d, q, m) (= d*q + m, d*q exact), acc[r][i] = fma(w, x, acc[r][i]) block after block with the 32
+// lanes of a row in two zmm registers, then the lanes summed one after the other from lane 0, as `rows`
+// does. Bit for bit the same output; only the bytes move faster (no w[32]/acc[R][32] round trips through
+// the stack, and Q8_0 does not read m: its m is 0, and w*x + acc with w = d*q vs d*q + 0 differs only when
+// d*q = -0, where the product is a signed zero that cannot change acc, which starts at +0 and, under
+// round-to-nearest, never becomes -0).
+// v[j][i] <- v[i][j]: a 16x16 fp32 transpose in registers
+static inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int j = 0; j < 16; j += 2) {
+    t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+    t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 16; j += 4) {
+    r[j] = _mm512_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[j + 1] = _mm512_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[j + 2] = _mm512_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[j + 3] = _mm512_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 16; j += 8)
+    for (int k = 0; k < 4; ++k) {
+      t[j + k] = _mm512_shuffle_f32x4(r[j + k], r[j + k + 4], 0x88);
+      t[j + k + 4] = _mm512_shuffle_f32x4(r[j + k], r[j + k + 4], 0xdd);
+    }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+    r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xdd);
+  }
+}
+
+template <int BITS, int R>
+static void rows512(const float* x, const uint8_t* q, const float* d, const float* m, float* y,
+                    long N, long K, long n0, long n1) {
+  const long nb = K / 32, row_bytes = K * BITS / 8;
+  alignas(64) float buf[R][16][32];  // the lane sums of (up to) 16 rows, n0..n1
+  for (int r = 0; r < R; ++r)
+    for (long n = n1; n < n0 + 16; ++n)
+      for (int i = 0; i < 32; ++i) buf[r][n - n0][i] = 0.f;
+  for (long n = n0; n < n1; ++n) {
+    const uint8_t* qn = q + n * row_bytes;
+    const float* dn = d + n * nb;
+    const float* mn = m + n * nb;
+    __m512 a0[R], a1[R];
+    for (int r = 0; r < R; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (long b = 0; b < nb; ++b) {
+      const __m512 db = _mm512_set1_ps(dn[b]);
+      __m512 w0, w1;
+      if (BITS == 4) {
+        // the 16 values d*q + m a block can hold, looked up by q (vpermps reads the low 4 bits of each index)
+        const __m512 table = _mm512_fmadd_ps(db, iota, _mm512_set1_ps(mn[b]));
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qn + b * 16)));
+        w0 = _mm512_permutexvar_ps(idx, table);
+        w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
+      } else {
+        const __m128i* p = (const __m128i*)(qn + b * 32);
+        w0 = _mm512_mul_ps(db, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p))));
+        w1 = _mm512_mul_ps(db, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1))));
+      }
+      const float* xb = x + b * 32;
+      for (int r = 0; r < R; ++r) {
+        a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + r * K), a0[r]);
+        a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + r * K + 16), a1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_store_ps(buf[r][n - n0], a0[r]);
+      _mm512_store_ps(buf[r][n - n0] + 16, a1[r]);
+    }
+  }
+  // y[r, n] = ((0 + lane 0) + lane 1) + ... + lane 31, for the 16 rows at once: transposed, lane i of every
+  // row is one register, added in lane order (16 chains side by side instead of one long one a row)
+  const __mmask16 valid = (__mmask16)((1u << (n1 - n0)) - 1);
+  for (int r = 0; r < R; ++r) {
+    __m512 s = _mm512_setzero_ps();
+    for (int h = 0; h < 32; h += 16) {
+      __m512 v[16];
+      for (int j = 0; j < 16; ++j) v[j] = _mm512_load_ps(buf[r][j] + h);
+      transpose16(v);
+      for (int i = 0; i < 16; ++i) s = _mm512_add_ps(s, v[i]);
+    }
+    _mm512_mask_storeu_ps(y + r * N + n0, valid, s);
+  }
+}
+
+template <int BITS> static void dispatch(int R, const float* x, const uint8_t* q, const float* d,
+                                         const float* m, float* y, long N, long K, long n0, long n1) {
+  switch (R) {
+    case 1: rows512<BITS, 1>(x, q, d, m, y, N, K, n0, n1); break;
+    case 2: rows512<BITS, 2>(x, q, d, m, y, N, K, n0, n1); break;
+    case 3: rows512<BITS, 3>(x, q, d, m, y, N, K, n0, n1); break;
+    default: rows512<BITS, 4>(x, q, d, m, y, N, K, n0, n1); break;
+  }
+}
+#else
 template <int BITS> static void dispatch(int R, const float* x, const uint8_t* q, const float* d,
                                          const float* m, float* y, long N, long K, long n0, long n1) {
   switch (R) {
@@ -82,6 +183,8 @@ template <int BITS> static void dispatch(int R, const float* x, const uint8_t* q
     default: rows<BITS, 4>(x, q, d, m, y, N, K, n0, n1); break;
   }
 }
+
+#endif
 
 // Finds d, q, m for every block of w (N, K) and returns 1 if d*q + m reproduces every weight exactly.
 // Q4_1 (bits 4): m is the block minimum (the weight quantized to 0), d the span over 15, both fp16.
