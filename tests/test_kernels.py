@@ -56,7 +56,7 @@ def test_choice_is_measured_once_per_machine_and_shape(cpu, measured, session_ca
     assert measured == [3]  # cached: not measured again
     saved = json.loads((session_cache / "machine.json").read_text())
     entry = next(v for k, v in saved.items() if k.startswith("test CPU A|"))
-    assert "kernel blocks 96x64 q4 rows<=16" in entry
+    assert f"kernel blocks/{gguf_weights.KERNEL_ID} 96x64 q4 rows<=16" in entry
     cpu("test CPU B")  # another machine: its own measurement
     gguf_weights.choose(blocks((64, 64)))
     assert measured == [3, 1]

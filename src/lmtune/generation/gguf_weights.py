@@ -231,6 +231,11 @@ extern "C" void block_linear(int bits, long M, long N, long K, const float* x, c
 """
 
 
+# Kernel times are cached under this id (with the machine key): a changed kernel is measured again, never
+# judged by the times of the one it replaced.
+KERNEL_ID = hashlib.sha256(SOURCE.encode()).hexdigest()[:8]
+
+
 @dataclass
 class Block:
     """A (N, K) fp32 matrix as block integers `q` (uint8: two 4-bit values a byte, or int8 bytes), and one
@@ -350,7 +355,7 @@ def choose(mats: list) -> tuple[list, dict]:
     count replaced by its dense tensor (its d, q, m freed), and the table of times by shape."""
     blocks = [w for w in mats if isinstance(w, Block)]
     picks, table = kernels.choose(
-        "blocks", ("dense", "blocks"), blocks, lambda w: f"{w.shape[0]}x{w.shape[1]} q{w.bits}",
+        f"blocks/{KERNEL_ID}", ("dense", "blocks"), blocks, lambda w: f"{w.shape[0]}x{w.shape[1]} q{w.bits}",
         lambda name, w, x: _kernel(x, w) if name == "blocks" else F.linear(x, w.dense),
         lambda w: w.dense.numel() * 4)
     for w, pick in zip(blocks, picks):
