@@ -111,7 +111,10 @@ def main() -> int:
             except SystemExit as e:
                 if e.code:
                     raise
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
+            # logits_all: without it llama-cpp-python 0.3.36 leaves `scores` of the last evaluated position at
+            # zero, and every argmax read there is token 0
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False,
+                                  logits_all=True)
             same_tok = all(llm.tokenize(t.encode(), add_bos=False, special=True) == p for t, p in zip(texts, prompts))
             agree = sum(llama_greedy(llm, p, args.tokens) == o for p, o in zip(prompts, ours))
             need = NEEDED.get(qtype)
@@ -119,6 +122,18 @@ def main() -> int:
             failed |= not ok
             rows.append((label, qtype, path.stat().st_size / 2**20, same_tok, agree, need, ok))
             del llm
+    # reference: the very GGUF file lmtune's smollm2-135m comes from (its fp32 weights are exactly this
+    # file's Q4_1 blocks), run by llama.cpp: how far llama.cpp's quantized arithmetic alone moves greedy
+    # choices, with no export in between
+    sys.path.insert(0, str(ROOT / "bench"))
+    from serve import gguf_file
+
+    tok = models.load_tokenizer(models.resolve("smollm2-135m"))
+    prompts = [tok(instruct.prompt_text(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    ours = lmtune_greedy("smollm2-135m", prompts, args.tokens)
+    llm = llama_cpp.Llama(model_path=gguf_file(), n_ctx=512, n_threads=os.cpu_count(), verbose=False, logits_all=True)
+    agree = sum(llama_greedy(llm, p, args.tokens) == o for p, o in zip(prompts, ours))
+    rows.append(("original (not exported)", "q4_1", Path(gguf_file()).stat().st_size / 2**20, True, agree, None, True))
     print(f"\nllama-cpp-python {llama_cpp.__version__}; greedy continuations of {len(PROMPTS)} chat prompts, "
           f"{args.tokens} tokens each, against lmtune's fp32 decoding\n")
     print(f"{'model':<22} {'type':<6} {'file MB':>8} {'tokenizer':>10} {'same greedy':>12} {'needed':>7}  result")
