@@ -308,15 +308,15 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
                     "grad_norm": float(grad_norm), "tokens_per_s": n_tokens / dt,
                     "target_tokens_per_s": n_targets / dt, "target_tokens": n_targets, "tokens": n_tokens,
                     "elapsed_s": time.perf_counter() - t_start, "peak_mem_mb": peak_memory_mb(device)}
-            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-                log.write({**last, "planned_steps": plan.total} if plan else last)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_seen / last['elapsed_s']:.0f}")
-            bar.update(1)
             if plan:  # --budget: the run's length from the step time measured so far and the time left
                 steps = plan.saw_step(step + 1, dt)
                 if w.size > 1:  # every rank must stop at the same step: all take the mean of their plans
                     steps = plan.total = round(distributed.all_sum([steps])[0] / w.size)
                 bar.total = steps
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:  # planned_steps: the plan after this step
+                log.write({**last, "planned_steps": plan.total} if plan else last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_seen / last['elapsed_s']:.0f}")
+            bar.update(1)
             # 5. validate
             done = step + 1 == steps
             if evaluate and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
