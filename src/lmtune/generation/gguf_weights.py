@@ -77,7 +77,6 @@ static void rows(const float* x, const uint8_t* q, const float* d, const float* 
 
 #if defined(__AVX512F__) && !defined(LMTUNE_PORTABLE)
 #include <immintrin.h>
-#define LMTUNE_AVX512 1
 // The same arithmetic as `rows` (the portable code below), in AVX-512 registers: for every weight
 // w = fma(d, q, m) (= d*q + m, d*q exact), acc[r][i] = fma(w, x, acc[r][i]) block after block with the 32
 // lanes of a row in two zmm registers, then the lanes summed one after the other from lane 0, as `rows`
@@ -164,27 +163,20 @@ static void rows512(const float* x, const uint8_t* q, const float* d, const floa
   }
 }
 
-template <int BITS> static void dispatch(int R, const float* x, const uint8_t* q, const float* d,
-                                         const float* m, float* y, long N, long K, long n0, long n1) {
-  switch (R) {
-    case 1: rows512<BITS, 1>(x, q, d, m, y, N, K, n0, n1); break;
-    case 2: rows512<BITS, 2>(x, q, d, m, y, N, K, n0, n1); break;
-    case 3: rows512<BITS, 3>(x, q, d, m, y, N, K, n0, n1); break;
-    default: rows512<BITS, 4>(x, q, d, m, y, N, K, n0, n1); break;
-  }
-}
+#define LMTUNE_ROWS rows512
 #else
+#define LMTUNE_ROWS rows
+#endif
+
 template <int BITS> static void dispatch(int R, const float* x, const uint8_t* q, const float* d,
                                          const float* m, float* y, long N, long K, long n0, long n1) {
   switch (R) {
-    case 1: rows<BITS, 1>(x, q, d, m, y, N, K, n0, n1); break;
-    case 2: rows<BITS, 2>(x, q, d, m, y, N, K, n0, n1); break;
-    case 3: rows<BITS, 3>(x, q, d, m, y, N, K, n0, n1); break;
-    default: rows<BITS, 4>(x, q, d, m, y, N, K, n0, n1); break;
+    case 1: LMTUNE_ROWS<BITS, 1>(x, q, d, m, y, N, K, n0, n1); break;
+    case 2: LMTUNE_ROWS<BITS, 2>(x, q, d, m, y, N, K, n0, n1); break;
+    case 3: LMTUNE_ROWS<BITS, 3>(x, q, d, m, y, N, K, n0, n1); break;
+    default: LMTUNE_ROWS<BITS, 4>(x, q, d, m, y, N, K, n0, n1); break;
   }
 }
-
-#endif
 
 // Finds d, q, m for every block of w (N, K) and returns 1 if d*q + m reproduces every weight exactly.
 // Q4_1 (bits 4): m is the block minimum (the weight quantized to 0), d the span over 15, both fp16.
