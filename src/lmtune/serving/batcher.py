@@ -107,8 +107,10 @@ class Batcher:
             try:
                 with self.lock, torch.inference_mode():
                     torch.set_num_threads(self.few_threads if few else self.threads)
-                    logits = self._step(logits, new)
-                    torch.set_num_threads(self.threads)
+                    try:
+                        logits = self._step(logits, new)
+                    finally:  # the task routes share the model (and this lock): they get every thread
+                        torch.set_num_threads(self.threads)
             except Exception as e:  # a failed step must not take the server down: its requests end in error
                 for r in self.active + new:
                     if not r.done:
