@@ -136,8 +136,7 @@ def linear(x, w, b=None, lora=None):
     if not isinstance(w, Int8):
         return F.linear(x, w, b)
     x2 = x.reshape(-1, x.shape[-1]).bfloat16()
-    M = x2.shape[0]
-    y = w.int8(x2) if M <= kernels.BUCKETS[-1] and w.kernel[kernels.bucket(M)] else F.linear(x2, w.bf16)
+    y = w.int8(x2) if kernels.takes(w.kernel, x2.shape[0]) else F.linear(x2, w.bf16)
     y = y.to(x.dtype).view(*x.shape[:-1], -1)
     return y if b is None else y + b
 

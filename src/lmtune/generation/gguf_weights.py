@@ -37,7 +37,6 @@ import torch.nn.functional as F
 
 from lmtune.generation import kernels
 
-MAX_ROWS = kernels.BUCKETS[-1]  # more rows than this (a prefill) go through the dense fp32 matmul
 
 SOURCE = r"""
 #include <stdint.h>
@@ -325,7 +324,7 @@ def linear(x: torch.Tensor, w: Block, b: torch.Tensor | None = None) -> torch.Te
     """F.linear(x, w.dense, b), reading the block form when x has few rows (decoding) and the block kernel
     was the faster one here for that many rows (`choose`)."""
     M = x.numel() // x.shape[-1]
-    if M > MAX_ROWS or x.dtype != torch.float32 or not w.kernel[kernels.bucket(M)]:
+    if x.dtype != torch.float32 or not kernels.takes(w.kernel, M):
         return F.linear(x, w.dense, b)
     y = _kernel(x.reshape(M, -1), w).view(*x.shape[:-1], -1)
     return y if b is None else y + b

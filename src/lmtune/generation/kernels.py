@@ -37,6 +37,12 @@ def bucket(rows: int) -> int:
     return (rows > 1) + (rows > 4) + (rows > 8)
 
 
+def takes(kernel: tuple, rows: int) -> bool:
+    """Whether a matrix whose per-bucket picks are `kernel` reads `rows` rows through its special kernel
+    (more than 16 rows, a prefill, always take the dense matmul)."""
+    return rows <= BUCKETS[-1] and kernel[bucket(rows)]
+
+
 def forced() -> str | None:
     """The kernel LMTUNE_KERNELS names, None when unset."""
     value = os.environ.get("LMTUNE_KERNELS", "").strip()
