@@ -52,6 +52,19 @@ def args(d: Path, out: Path, budget: str) -> list[str]:
             "--save-every", "10", "--retain-data", "none"]  # retention's generation is not what is tested
 
 
+def test_fast_steps_and_slow_saves_still_plan_steps():
+    """A resumed run measured 0.03 s steps against 0.25 s predicted saves: the old fixed-point iteration
+    swung to 0 steps and refused the budget as too short."""
+    import time as clock
+
+    from lmtune.train.budget import Plan
+
+    plan = Plan(60, clock.monotonic(), step_s=0.03, eval_s=0.01, save_s=0.4, eval_every=15, save_every=10,
+                validates=True)
+    assert plan.total > 300, plan.total  # the old iteration planned 0 here
+    assert plan.total * 0.03 + plan._overhead(0, plan.total) <= 60  # and what it plans fits
+
+
 def test_one_slow_save_does_not_end_the_run_early():
     """A busy disk once made one checkpoint slow; counted for every later save, it cut a 60 s plan from 518
     steps to the step it was at. The plan takes the median of the saves it saw."""

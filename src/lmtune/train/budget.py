@@ -89,9 +89,15 @@ class Plan:
 
     def _fit(self, done: int) -> int:
         left = self.deadline - time.monotonic() - max(MARGIN * self.seconds, MARGIN_S)
-        k = max(0, int(left / self.step_s))
-        for _ in range(3):  # the overhead depends on k (how many validations fall inside): settle it
-            k = max(0, int((left - self._overhead(done, done + k)) / self.step_s))
+        # validations and saves cost a share of each step: solve for k with them spread over the steps, then
+        # step back while the whole ones that fall inside do not fit (iterating k = (left - overhead(k)) /
+        # step_s instead swung between too many and none, and refused a resumed run as 'cannot hold')
+        per_step = self.step_s + self.save_s / self.save_every
+        if self.eval_every and self.validates:
+            per_step += self.eval_s / self.eval_every
+        k = max(0, int((left - self._overhead(done, done)) / per_step))
+        while k > 0 and k * self.step_s + self._overhead(done, done + k) > left:
+            k -= 1
         return done + k
 
     def saw_step(self, done: int, seconds: float) -> int:
