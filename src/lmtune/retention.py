@@ -26,6 +26,7 @@ from lmtune.errors import LmtuneError
 BUILTIN_RETAIN = Path(__file__).parent / "data" / "retain.jsonl"
 BUILTIN_REPLAY = Path(__file__).parent / "data" / "replay.jsonl"
 MAX_NEW_TOKENS = 32  # answers are compared up to this length (the built-in prompts ask for short answers)
+REPLAY_NEW_TOKENS = 64  # replayed answers run past the compared length, so the fine-tune learns where they go on
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 
 
@@ -152,8 +153,11 @@ class RetainSet:
 def replay_examples(spec: str, model, tokenizer, max_length: int, batch_size: int, out: Path,
                     resume: bool) -> list[dict]:
     """The replay pool: general prompts (--replay-data, else the built-in ones) with the base model's greedy
-    answers as targets, encoded as instruct examples. The answers go to OUT/replay.jsonl; a resumed run reads
-    them back from there, so it trains on exactly the examples the first part of the run did."""
+    answers as targets, token for token as it generated them: an answer it ended carries its stop token, one
+    cut at REPLAY_NEW_TOKENS carries none (a forced end of turn there taught the fine-tune to stop early, and
+    its answers to general prompts came out cut at their first sentence). The answers go to OUT/replay.jsonl;
+    a resumed run reads them back from there, so it trains on exactly the examples the first part did."""
+    from lmtune.data.batching import IGNORE
     from lmtune.data.readers import read_records
     from lmtune.tasks import instruct
 
@@ -163,14 +167,23 @@ def replay_examples(spec: str, model, tokenizer, max_length: int, batch_size: in
         pairs = [json.loads(line) for line in saved.read_text().splitlines() if line.strip()]
     else:
         prompts = [prompt_of(r, path) for r in read_records(path)]
-        answers = instruct.respond(model, tokenizer, prompts, MAX_NEW_TOKENS, batch_size)
-        pairs = [{"prompt": p, "completion": a} for p, a in zip(prompts, answers)]
+        answers = instruct.respond_ids(model, tokenizer, prompts, REPLAY_NEW_TOKENS, batch_size)
+        pairs = [{"prompt": p, "completion": tokenizer.decode(a, skip_special_tokens=True).strip(), "ids": a}
+                 for p, a in zip(prompts, answers)]
         tmp = saved.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         os.replace(tmp, saved)
-    rows = [{**p, "_line": i + 1} for i, p in enumerate(pairs)]
-    # an empty answer is the base model's answer too (it ends its turn at once): replayed as it is
-    return instruct.encode_all(rows, tokenizer, max_length, str(saved), empty_ok=True)
+    examples = []
+    for p in pairs:
+        ask = tokenizer(instruct.prompt_text(tokenizer, p["prompt"]), add_special_tokens=False)["input_ids"]
+        ids = (ask + p["ids"])[:max_length]
+        labels = ([IGNORE] * len(ask) + p["ids"])[:max_length]
+        if any(t != IGNORE for t in labels[1:]):  # an answer of no token (or cut off entirely) teaches nothing
+            examples.append({"input_ids": ids, "labels": labels})
+    if not examples:
+        raise LmtuneError(f"{path}: no replay prompt leaves room for an answer within max_length={max_length}: "
+                          "raise --max-length")
+    return examples
 
 
 def mix(examples: list[dict], replay: list[dict], share: float) -> list[dict]:

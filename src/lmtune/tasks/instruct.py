@@ -112,11 +112,9 @@ def prompt_text(tokenizer, user_text: str) -> str:
     return render(tokenizer, [{"role": "user", "content": user_text}], add_generation_prompt=True)
 
 
-def encode_row(row: dict, tokenizer, max_length: int, path: str = "",
-               empty_ok: bool = False) -> tuple[dict | None, bool]:
-    """(example with input_ids/labels, was it truncated); the example is None if no target is left.
-    `empty_ok`: an empty answer is kept (self-replay: the base model answering nothing, then its end of turn)."""
-    msgs = to_messages(row, path, targets=not empty_ok)
+def encode_row(row: dict, tokenizer, max_length: int, path: str = "") -> tuple[dict | None, bool]:
+    """(example with input_ids/labels, was it truncated); the example is None if no target is left."""
+    msgs = to_messages(row, path)
     text = render(tokenizer, msgs)
     spans = []  # character spans of the assistant turns
     for i, m in enumerate(msgs):
@@ -136,11 +134,11 @@ def encode_row(row: dict, tokenizer, max_length: int, path: str = "",
     return {"input_ids": ids, "labels": labels}, truncated
 
 
-def encode_all(rows: list[dict], tokenizer, max_length: int, path: str, empty_ok: bool = False) -> list[dict]:
+def encode_all(rows: list[dict], tokenizer, max_length: int, path: str) -> list[dict]:
     """Encode every row; truncation is warned about once, with counts (records are kept, cut at the end)."""
     examples, n_trunc, n_dropped = [], 0, 0
     for row in rows:
-        ex, truncated = encode_row(row, tokenizer, max_length, path, empty_ok)
+        ex, truncated = encode_row(row, tokenizer, max_length, path)
         n_trunc += truncated
         if ex is None:
             n_dropped += 1
@@ -155,8 +153,16 @@ def encode_all(rows: list[dict], tokenizer, max_length: int, path: str, empty_ok
 
 
 def respond(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    """Greedy answers to user prompts, batched with left padding: through `lmtune.generation.decoder` when it can run
-    the model as it is (fp32 or one dtype throughout, no autocast, no adapter it would have to merge),
+    """Greedy answers to user prompts, as text (see `respond_ids`)."""
+    return [s.strip() for s in tokenizer.batch_decode(
+        respond_ids(model, tokenizer, prompts, max_new_tokens, batch_size), skip_special_tokens=True)]
+
+
+def respond_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+                batch_size: int = 16) -> list[list[int]]:
+    """Greedy answers to user prompts as token ids, each up to and including its first stop token (an answer
+    cut at `max_new_tokens` has none). Batched with left padding: through `lmtune.generation.decoder` when it
+    can run the model as it is (fp32 or one dtype throughout, no autocast, no adapter it would have to merge),
     else through HF's generate. Both give the same greedy tokens in fp32."""
     import torch
 
@@ -164,28 +170,27 @@ def respond(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batc
     from lmtune.generation.sampling import stop_ids
 
     model.eval()
-    out = []
+    eos, rows = set(stop_ids(model, tokenizer)), []
     if Decoder.runs_unchanged(model):
-        decoder, eos = Decoder(model), stop_ids(model, tokenizer)
+        decoder = Decoder(model)
         for i in range(0, len(prompts), batch_size):
             ids = [tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]
                    for p in prompts[i:i + batch_size]]
-            gen = decoder.generate(ids, max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_token_id)
-            out += [s.strip() for s in tokenizer.batch_decode(gen, skip_special_tokens=True)]
-        return out
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        for i in range(0, len(prompts), batch_size):
-            texts = [prompt_text(tokenizer, p) for p in prompts[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            out += [s.strip() for s in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
-                                                              skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-    return out
+            rows += decoder.generate(ids, max_new_tokens, eos_ids=sorted(eos), pad_id=tokenizer.pad_token_id).tolist()
+    else:
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            for i in range(0, len(prompts), batch_size):
+                texts = [prompt_text(tokenizer, p) for p in prompts[i:i + batch_size]]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+                with torch.no_grad():
+                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
+                rows += gen[:, enc["input_ids"].shape[1]:].tolist()
+        finally:
+            tokenizer.padding_side = side
+    # cut each row after its first stop token (what follows is padding)
+    return [row[:next((j + 1 for j, t in enumerate(row) if t in eos), len(row))] for row in rows]
 
 
 def score(predictions: list[str], references: list[str]) -> dict:
