@@ -17,7 +17,7 @@ import pytest
 from _tiny_models import SHARED
 from conftest import read_metrics, run_cli
 from lmtune.config import PrepareConfig, PretrainConfig
-from lmtune.data import shards, sources
+from lmtune.data import readers, shards, sources
 from lmtune.data.tokenizer import load_tokenizer_path
 from lmtune.errors import LmtuneError
 from lmtune.prepare import prepare
@@ -210,4 +210,4 @@ def test_hub_dataset_offline_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(LmtuneError, match="needs the network") as e:
         sources.expand("hf:karpathy/tinyshakespeare@train")
     assert "\n" not in str(e.value)
-    assert sources.parse_hub("hf:org/name:cfg@validation") == ("org/name", "cfg", "validation")
+    assert readers.parse_hub("hf:org/name:cfg@validation") == ("org/name", "cfg", "validation")

@@ -2,6 +2,8 @@
 
 Formats by extension: .json (a list of records, or {"data": [...]}), .jsonl, .csv, .tsv, .parquet,
 and .txt / anything else as raw text for pretraining. Gzipped files (.gz) are read transparently.
+A folder of such files, a `datasets.save_to_disk` folder or `hf:ORG/NAME` is read into rows as well;
+`data.sources` streams the same places as text for pretraining and builds on the helpers here.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ import csv
 import gzip
 import io
 import json
+import os
 from pathlib import Path
 
 from lmtune.errors import LmtuneError
 from lmtune.files import not_utf8
+
+RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".tsv"}
 
 
 def _check_file(path: str) -> Path:
@@ -56,8 +61,6 @@ def read_text(path: str) -> str:
 def read_records(path: str) -> list[dict]:
     """Rows of a JSON/JSONL/CSV/TSV/Parquet file, each a dict; `_line` holds its line (or index)."""
     if path.startswith("hf:") or Path(path).is_dir():  # a save_to_disk folder, a folder of files, a hub dataset
-        from lmtune.data.sources import read_rows
-
         return read_rows(path)
     p = _check_file(path)
     kind = _suffix(p)
@@ -158,3 +161,79 @@ def _read_parquet(p: Path, path: str) -> list[dict]:
 def where(path: str, row: dict) -> str:
     """'file:line' for messages about one row."""
     return f"{path}:{row.get('_line', '?')}"
+
+
+# --- rows of a folder or a Hugging Face dataset ---------------------------------------------------
+
+def is_saved_dataset(p: Path) -> bool:
+    """A folder written by `datasets.Dataset.save_to_disk` (or a DatasetDict's)."""
+    return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file())
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(k, "0").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def check_online(item: str) -> None:
+    """One line before anything is read when a hub dataset is asked for offline."""
+    if hub_offline():
+        raise LmtuneError(f"--data {item}: a Hugging Face hub dataset needs the network and HF_HUB_OFFLINE "
+                          "is set; while online, save it with datasets.load_dataset(...).save_to_disk(DIR) "
+                          "and pass --data DIR")
+
+
+def parse_hub(item: str) -> tuple[str, str | None, str]:
+    """'hf:ORG/NAME[:CONFIG][@SPLIT]' -> (name, config, split)."""
+    rest = item[3:]
+    rest, _, split = rest.partition("@")
+    name, _, config = rest.partition(":")
+    return name, config or None, split or "train"
+
+
+def load_saved(p: Path, split: str = "train"):
+    """The Dataset of a save_to_disk folder (a DatasetDict's `split`), memory-mapped."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # noqa: BLE001  (datasets raises several types for a damaged folder)
+        raise LmtuneError(f"{p}: not a readable datasets folder ({str(e).splitlines()[0]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise LmtuneError(f"{p}: a DatasetDict without a '{split}' split (has: {', '.join(ds)})")
+        ds = ds[split]
+    return ds
+
+
+def read_rows(data: str) -> list[dict]:
+    """Records of a save_to_disk folder, a folder of JSONL/JSON/CSV/TSV/Parquet files (in name order) or
+    `hf:ORG/NAME[:CONFIG][@SPLIT]`; `_line` is the row's index, or 'FILE:LINE' inside a folder of files."""
+    p = Path(data)
+    if data.startswith("hf:") or is_saved_dataset(p):
+        if data.startswith("hf:"):
+            check_online(data)
+            import datasets
+
+            name, config, split = parse_hub(data)
+            try:
+                ds = datasets.load_dataset(name, config, split=split)
+            except Exception as e:  # noqa: BLE001
+                raise LmtuneError(f"--data {data}: cannot load it from the hub ({str(e).splitlines()[0]})") from None
+        else:
+            ds = load_saved(p)
+        rows = ds.to_list()
+        for i, r in enumerate(rows):
+            r["_line"] = i
+        if not rows:
+            raise LmtuneError(f"{data} holds no records")
+        return rows
+    files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".") and _suffix(f) in RECORD_SUFFIXES)
+    if not files:
+        raise LmtuneError(f"data folder {data} holds no .jsonl, .json, .csv, .tsv or .parquet file (nor a "
+                          "datasets.save_to_disk folder)")
+    rows = []
+    for f in files:
+        for r in read_records(str(f)):
+            r["_line"] = f"{f.relative_to(p)}:{r.get('_line', '?')}"
+            rows.append(r)
+    return rows

@@ -15,36 +15,19 @@ import glob
 import gzip
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
+from lmtune.data.readers import (RECORD_SUFFIXES, check_online, is_saved_dataset, load_saved, parse_hub,
+                                  read_records, where)
 from lmtune.errors import LmtuneError
 
 MAX_DOC = 1 << 20  # characters: a text without blank lines is still read a bounded piece at a time
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw", ".tokens"}
-RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".tsv"}
 
 
 def _suffix(p: Path) -> str:
     return Path(p.stem).suffix.lower() if p.suffix == ".gz" else p.suffix.lower()
-
-
-def is_saved_dataset(p: Path) -> bool:
-    """A folder written by `datasets.Dataset.save_to_disk` (or a DatasetDict's)."""
-    return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file())
-
-
-def hub_offline() -> bool:
-    return any(os.environ.get(k, "0").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def parse_hub(item: str) -> tuple[str, str | None, str]:
-    """'hf:ORG/NAME[:CONFIG][@SPLIT]' -> (name, config, split)."""
-    rest = item[3:]
-    rest, _, split = rest.partition("@")
-    name, _, config = rest.partition(":")
-    return name, config or None, split or "train"
 
 
 def expand(data: str) -> list[str]:
@@ -56,10 +39,7 @@ def expand(data: str) -> list[str]:
     out: list[str] = []
     for item in items:
         if item.startswith("hf:"):
-            if hub_offline():
-                raise LmtuneError(f"--data {item}: a Hugging Face hub dataset needs the network and HF_HUB_OFFLINE "
-                                  "is set; while online, save it with datasets.load_dataset(...).save_to_disk(DIR) "
-                                  "and pass --data DIR")
+            check_online(item)
             out.append(item)
             continue
         if any(c in item for c in "*?["):
@@ -177,8 +157,6 @@ def _record_texts(p: Path, column: str) -> Iterator[str]:
                 yield _text_of(value, f"{p}: row {row}", column)
                 row += 1
     else:  # .json, .csv, .tsv: whole-file formats, read as records
-        from lmtune.data.readers import read_records, where
-
         for r in read_records(str(p)):
             if column not in r:
                 raise LmtuneError(f"{where(str(p), r)}: no field '{column}'; set --text-column")
@@ -193,21 +171,6 @@ def _dataset_texts(ds, where: str, column: str) -> Iterator[tuple[str, bool]]:
         for value in batch[column]:
             yield _text_of(value, f"{where}: row {row}", column), True
             row += 1
-
-
-def load_saved(p: Path, split: str = "train"):
-    """The Dataset of a save_to_disk folder (a DatasetDict's `split`), memory-mapped."""
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(p))
-    except Exception as e:  # noqa: BLE001  (datasets raises several types for a damaged folder)
-        raise LmtuneError(f"{p}: not a readable datasets folder ({str(e).splitlines()[0]})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise LmtuneError(f"{p}: a DatasetDict without a '{split}' split (has: {', '.join(ds)})")
-        ds = ds[split]
-    return ds
 
 
 def _saved_documents(p: Path, column: str) -> Iterator[tuple[str, bool]]:
@@ -228,39 +191,3 @@ def _hub_documents(item: str, column: str) -> Iterator[tuple[str, bool]]:
         yield _text_of(row[column], f"{item}: row {row_n}", column), True
 
 
-# --- rows for fine-tuning: the same places, read into records -------------------------------------
-
-def read_rows(data: str) -> list[dict]:
-    """Records of a save_to_disk folder, a folder of JSONL/JSON/CSV/TSV/Parquet files (in name order) or
-    `hf:ORG/NAME[:CONFIG][@SPLIT]`; `_line` is the row's index, or 'FILE:LINE' inside a folder of files."""
-    from lmtune.data.readers import read_records
-
-    p = Path(data)
-    if data.startswith("hf:") or is_saved_dataset(p):
-        if data.startswith("hf:"):
-            expand(data)  # offline: one line saying so
-            import datasets
-
-            name, config, split = parse_hub(data)
-            try:
-                ds = datasets.load_dataset(name, config, split=split)
-            except Exception as e:  # noqa: BLE001
-                raise LmtuneError(f"--data {data}: cannot load it from the hub ({str(e).splitlines()[0]})") from None
-        else:
-            ds = load_saved(p)
-        rows = ds.to_list()
-        for i, r in enumerate(rows):
-            r["_line"] = i
-        if not rows:
-            raise LmtuneError(f"{data} holds no records")
-        return rows
-    files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".") and _suffix(f) in RECORD_SUFFIXES)
-    if not files:
-        raise LmtuneError(f"data folder {data} holds no .jsonl, .json, .csv, .tsv or .parquet file (nor a "
-                          "datasets.save_to_disk folder)")
-    rows = []
-    for f in files:
-        for r in read_records(str(f)):
-            r["_line"] = f"{f.relative_to(p)}:{r.get('_line', '?')}"
-            rows.append(r)
-    return rows
