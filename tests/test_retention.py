@@ -121,7 +121,7 @@ def test_bad_retention_options_are_one_line(tmp_path, tiny_chat_model, dates_jso
 
 
 def test_negative_mix_and_reference_outside_instruct_are_one_line(tmp_path, tiny_chat_model, dates_jsonl):
-    from lmtune.config import build
+    from lmtune.config.options import build
     from lmtune.errors import LmtuneError
 
     with pytest.raises(LmtuneError, match="key 'mix_retain' must be >= 0.0"):

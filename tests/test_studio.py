@@ -137,8 +137,9 @@ def test_lifecycle_in_the_browser(browser, tmp_path, tiny_chat_model, dates_json
         page.wait_for_selector('.field[data-field="data"]')
         # every config field is in the form: it is generated from the dataclass behind --help
         from lmtune import config as C
+        from lmtune.config import options
         shown = set(page.eval_on_selector_all(".field", "els => els.map(e => e.dataset.field)"))
-        assert shown == set(C.fields_of(C.FinetuneConfig))
+        assert shown == set(options.fields_of(C.FinetuneConfig))
         common = {"model": tiny_chat_model, "data": dates_jsonl, "max_length": 128, "batch_size": 2, "threads": 1,
                   "log_every": 1}
         # a bad value: the form shows the line the command line prints
@@ -310,21 +311,20 @@ def test_non_loopback_host_needs_a_token(tmp_path):
 
 
 def test_default_metrics_agree_with_the_tasks():
-    from lmtune import config as C
     from lmtune import tasks
     from lmtune.studio import runs as R
 
-    for task in C.TASKS:
+    for task in tasks.NAMES:
         default = tasks.get(task).METRIC
         assert R.watched({"task": task})[0] == (default if default.startswith("val_") else f"val_{default}")
 
 
 def test_the_reproducing_command_parses_back_to_the_config(tmp_path):
     from lmtune import cli
-    from lmtune import config as C
+    from lmtune.config.options import to_dict
     from lmtune.studio import runs as R
 
     cfg = cli.parse("finetune", ["--data", "d.jsonl", "--out", str(tmp_path / "o"), "--lora", "--no-group-by-length",
                                  "--learning-rate", "1e-3", "--seed=-1"])
-    argv = R.argv_of("finetune", C.to_dict(cfg))
-    assert C.to_dict(cli.parse("finetune", argv)) == C.to_dict(cfg)
+    argv = R.argv_of("finetune", to_dict(cfg))
+    assert to_dict(cli.parse("finetune", argv)) == to_dict(cfg)

@@ -19,6 +19,7 @@ import threading
 import typing
 
 from lmtune import config as C
+from lmtune.config import options
 from lmtune.errors import LmtuneError, require
 from lmtune.train import budget
 
@@ -62,7 +63,7 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, type]:
                 epilog="Any key can also be given as key=value. Command-line values win over --config.")
     p.add_argument("--config", help="YAML file with any of the keys below.")
     hints = typing.get_type_hints(cls)
-    for name, f in C.fields_of(cls).items():
+    for name, f in options.fields_of(cls).items():
         typ, meta = hints[name], f.metadata
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         value = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -73,7 +74,7 @@ def _verb_parser(verb: str) -> tuple[argparse.ArgumentParser, type]:
             p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=help_text)
         else:
-            # values stay strings here; config.coerce converts and checks them with one error style
+            # values stay strings here; config.options.coerce converts and checks them with one error style
             p.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=typ.__name__.upper(),
                            help=help_text)
     return p, cls
@@ -86,7 +87,7 @@ def parse(verb: str, argv: list[str]):
     if hasattr(cls, "WRAPS"):
         return _parse_wrapper(cls, ns, rest)
     cli_values = {k: v for k, v in vars(ns).items() if k != "config"}
-    known = list(C.fields_of(cls))
+    known = list(options.fields_of(cls))
     positional = getattr(cls, "POSITIONAL", None)  # e.g. `lmtune report RUN_A RUN_B`
     bare = [item for item in rest if positional and not item.startswith("-") and "=" not in item]
     if bare:
@@ -102,8 +103,8 @@ def parse(verb: str, argv: list[str]):
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hint = f", did you mean '--{close[0].replace('_', '-')}'?" if close else f"; see 'lmtune {verb} --help'"
         raise LmtuneError(f"unknown option '{item}'{hint}")
-    file_values = C.read_yaml(ns.config) if getattr(ns, "config", None) else {}
-    return C.build(cls, file_values, ns.config or "", cli_values)
+    file_values = options.read_yaml(ns.config) if getattr(ns, "config", None) else {}
+    return options.build(cls, file_values, ns.config or "", cli_values)
 
 
 def _join_negative_numbers(parser, argv: list[str]) -> list[str]:
@@ -136,7 +137,7 @@ def _parse_wrapper(cls, ns, rest: list[str]):
     own = {k: v for k, v in vars(ns).items() if k != "config"}
     if rest and rest[0] in cls.WRAPS:
         own["verb"], rest = rest[0], rest[1:]
-    cfg = C.build(cls, {}, "", own)
+    cfg = options.build(cls, {}, "", own)
     given = (["--config", ns.config] if getattr(ns, "config", None) else []) + rest
     # an estimate writes nothing, so --out may be left out
     cfg.run = parse(cfg.verb, given + ["out=(estimate)"] if "--out" not in rest and not ns.config else given)

@@ -41,7 +41,7 @@ def _retention(run: Path) -> tuple[int, int, int, list[dict], float]:
 
 def demo(cfg: DemoConfig) -> dict:
     from lmtune import files
-    from lmtune.config import to_dict
+    from lmtune.config.options import to_dict
     from lmtune.data.synthetic import date_records
     from lmtune.finetune import finetune
     from lmtune.track import write_run_info

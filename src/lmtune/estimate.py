@@ -123,7 +123,7 @@ def check(cfg: EstimateConfig, asked: dict) -> dict:
         spec = Path(tmp) / "run.yaml"
         import yaml
 
-        from lmtune.config import to_dict
+        from lmtune.config.options import to_dict
         spec.write_text(yaml.safe_dump({k: v for k, v in to_dict(short).items()}))
         proc = subprocess.run([sys.executable, "-m", "lmtune", cfg.verb, "--config", str(spec), "--overwrite"],
                               capture_output=True, text=True)

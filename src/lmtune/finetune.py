@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from lmtune import tasks
-from lmtune.config import FinetuneConfig, to_dict
+from lmtune.config import FinetuneConfig
+from lmtune.config.options import to_dict
 
 
 def watched_metric(cfg: FinetuneConfig, task_metrics: tuple) -> tuple[str, str]:

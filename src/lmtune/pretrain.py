@@ -10,7 +10,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from lmtune.config import PretrainConfig, to_dict
+from lmtune.config import PretrainConfig
+from lmtune.config.options import to_dict
 from lmtune.data.tokenizer import load_tokenizer_path
 from lmtune.errors import LmtuneError
 

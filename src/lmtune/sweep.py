@@ -16,9 +16,8 @@ import time
 import warnings
 from pathlib import Path
 
-from lmtune import config as C
 from lmtune import files, tasks
-from lmtune.config import FinetuneConfig, SweepConfig
+from lmtune.config import FinetuneConfig, SweepConfig, options
 from lmtune.errors import LmtuneError
 
 DONE_STATES = ("COMPLETE", "PRUNED", "FAIL")
@@ -72,7 +71,7 @@ def check_sweep(cfg: SweepConfig) -> tuple[FinetuneConfig, dict, str, str]:
         raise LmtuneError(f"{where}: no 'train:' mapping; give the finetune settings every trial starts from")
     train = {k.replace("-", "_"): v for k, v in cfg.train.items()}
     train.update(out=str(Path(cfg.out) / "trial"), overwrite=True, resume=False)
-    base = C.build(FinetuneConfig, train, f"{where} 'train:'", {})
+    base = options.build(FinetuneConfig, train, f"{where} 'train:'", {})
     space = check_space(cfg.space)
     if not (base.eval_data or base.val_split):
         raise LmtuneError(f"{where}: trials need validation data: give train: eval_data (or val_split)")
@@ -88,7 +87,7 @@ def check_sweep(cfg: SweepConfig) -> tuple[FinetuneConfig, dict, str, str]:
         if not isinstance(params, dict):
             raise LmtuneError(f"{where}: enqueue item {i + 1} must be a mapping of key: value")
         for k, v in params.items():
-            C.coerce(FinetuneConfig, k, v, f"{where} enqueue item {i + 1}")
+            options.coerce(FinetuneConfig, k, v, f"{where} enqueue item {i + 1}")
     return base, space, metric, direction
 
 
@@ -98,7 +97,7 @@ def check_space(space: dict) -> dict:
     if not space:
         raise LmtuneError(f"{where} is empty: give at least one key to search, e.g. "
                           "learning_rate: {low: 1.0e-5, high: 1.0e-2, log: true}")
-    fields, out = C.fields_of(FinetuneConfig), {}
+    fields, out = options.fields_of(FinetuneConfig), {}
     for key, spec in space.items():
         name = key.removeprefix("train.").replace("-", "_")
         if name not in fields:
@@ -107,17 +106,17 @@ def check_space(space: dict) -> dict:
             raise LmtuneError(f"{where}: unknown parameter '{key}'{hint}")
         if name in ("out", "data", "eval_data", "resume", "overwrite", "task"):
             raise LmtuneError(f"{where}: '{key}' cannot be searched; set it under train:")
-        typ = C._type_of(FinetuneConfig, name)
+        typ = options.type_of(FinetuneConfig, name)
         if isinstance(spec, list):
             if not spec:
                 raise LmtuneError(f"{where}: '{key}' has an empty list of choices")
-            out[name] = ("categorical", [C.coerce(FinetuneConfig, name, v, f"{where} '{key}'") for v in spec])
+            out[name] = ("categorical", [options.coerce(FinetuneConfig, name, v, f"{where} '{key}'") for v in spec])
             continue
         if not isinstance(spec, dict) or "low" not in spec or "high" not in spec:
             raise LmtuneError(f"{where}: '{key}' must be a list of choices or {{low: ..., high: ..., log: bool}}")
         if typ not in (int, float):
             raise LmtuneError(f"{where}: '{key}' is {typ.__name__}, not a number: give a list of choices")
-        low, high = (C.coerce(FinetuneConfig, name, spec[b], f"{where} '{key}' {b}") for b in ("low", "high"))
+        low, high = (options.coerce(FinetuneConfig, name, spec[b], f"{where} '{key}' {b}") for b in ("low", "high"))
         if low > high:
             raise LmtuneError(f"{where}: '{key}' has low {low} > high {high}; swap them")
         log = bool(spec.get("log", False))

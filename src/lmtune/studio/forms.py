@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 
 from lmtune import cli
-from lmtune import config as C
+from lmtune.config import options
 from lmtune.errors import LmtuneError
 
 FORM_VERBS = ("finetune", "pretrain", "evaluate")
@@ -36,7 +36,7 @@ def schema(verb: str) -> dict:
     cls, _, summary = cli.VERBS[verb]
     hints = typing.get_type_hints(cls)
     groups: dict[type, list] = {}
-    for name, f in C.fields_of(cls).items():
+    for name, f in options.fields_of(cls).items():
         typ, meta = hints[name], f.metadata
         # the verb's own fields and the required ones come first, open; each shared class's in its own group
         owner = cls if meta.get("required") else \
@@ -59,7 +59,7 @@ def schema(verb: str) -> dict:
 def form_argv(verb: str, values: dict) -> list[str]:
     """The argv that gives the form's values: only what differs from the default (so the reproducing
     command stays short); a name the config does not know is passed on, for the CLI's own error."""
-    fields = C.fields_of(cli.VERBS[verb][0])
+    fields = options.fields_of(cli.VERBS[verb][0])
     argv = []
     for name, value in values.items():
         flag = "--" + name.replace("_", "-")

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from lmtune.config import to_dict
+from lmtune.config.options import to_dict
 from lmtune.errors import LmtuneError
 from lmtune.studio import runs as R
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from lmtune import config as C
+from lmtune.config import options
 
 RECORDS = ".studio"  # WORKSPACE/.studio/<id>.json and <id>.log: the studio's own notes on the runs it launched
 TRAINING_VERBS = ("finetune", "pretrain")
@@ -273,7 +274,7 @@ def argv_of(verb: str, config: dict) -> list[str]:
     if cls is None:
         return []
     argv = []
-    for name, f in C.fields_of(cls).items():
+    for name, f in options.fields_of(cls).items():
         if name not in config or name in ("resume", "overwrite"):
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lmtune.config import to_dict
+from lmtune.config.options import to_dict
 from lmtune.data.batching import count_targets
 from lmtune.device import of as device_of
 from lmtune.device import resolve as resolve_device
