@@ -183,6 +183,7 @@ def _pretrain_in_memory(cfg, prepared: Path) -> None:
     from lmtune.data.tokenizer import load_tokenizer_path
     from lmtune.tasks import lm
     from lmtune.train.loop import fit
+    from lmtune.train.memory import save_activation_memory
 
     tok = load_tokenizer_path(str(prepared / "tokenizer"))
     blocks = TokenBlocks(prepared, load(prepared), "train", cfg.max_length)
@@ -191,7 +192,7 @@ def _pretrain_in_memory(cfg, prepared: Path) -> None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = models.build_from_preset(cfg.model_size, tok, cfg.max_length, "")
-    models.save_activation_memory(model, cfg)
+    save_activation_memory(model, cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     fit(model, examples, cfg, Path(cfg.out), collate=partial(collate, pad_id=tok.pad_token_id), loss_fn=lm.loss)
 

@@ -131,11 +131,11 @@ def test_fused_lora_matches_peft(tiny_chat_model):
 def test_checkpoint_share_picks_layers_evenly(tmp_path, share, expect):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmtune import models
+    from lmtune.train.memory import enable_activation_checkpointing
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
                                          num_attention_heads=2))
-    assert models.enable_activation_checkpointing(model, share) == expect
+    assert enable_activation_checkpointing(model, share) == expect
 
 
 def test_partial_checkpointing_with_recompute_gives_identical_gradients(tiny_chat_model):
@@ -143,16 +143,16 @@ def test_partial_checkpointing_with_recompute_gives_identical_gradients(tiny_cha
     keeping everything."""
     from types import SimpleNamespace
 
-    from lmtune import models
+    from lmtune.train.memory import save_activation_memory
 
     model, tok = _model(tiny_chat_model, lora=True)
     torch.manual_seed(0)
     ids = torch.randint(0, len(tok), (2, 20))
     batch = {"input_ids": ids, "labels": ids.clone()}
     loss_a, plain = _grads(model, batch)
-    models.save_activation_memory(model, SimpleNamespace(activation_checkpointing=True, checkpoint_share=0.5,
-                                                         recompute_elementwise=True, compile=False,
-                                                         mmap_threshold_mb=0.0, bf16=False))
+    save_activation_memory(model, SimpleNamespace(activation_checkpointing=True, checkpoint_share=0.5,
+                                                  recompute_elementwise=True, compile=False,
+                                                  mmap_threshold_mb=0.0, bf16=False))
     layers = model.get_base_model().model.layers
     assert [layer.gradient_checkpointing for layer in layers] == [False, True]
     loss_b, mixed = _grads(model, batch)

@@ -77,6 +77,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     from lmtune.train import distributed
     from lmtune.train.checkpoint import check_out_dir, create_out_dir, discard_if_failed_early
     from lmtune.train.loop import fit, mean_loss
+    from lmtune.train.memory import save_activation_memory
 
     from lmtune import device
 
@@ -131,7 +132,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     if cfg.lora:
         model = models.attach_task_lora(model, meta["head"], cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                         cfg.lora_targets)
-    models.save_activation_memory(model, cfg)
+    save_activation_memory(model, cfg)
     total, trainable = models.count_parameters(model)
 
     meta = {"base_model": cfg.model, **meta, "lora": cfg.lora,

@@ -209,43 +209,6 @@ def attach_lora(model, r: int, alpha: float, dropout: float, targets: str):
     return attach_task_lora(model, "causal", r, alpha, dropout, targets)
 
 
-def enable_activation_checkpointing(model, share: float = 1.0) -> int:
-    """Recompute the blocks' activations in backward instead of keeping them (less memory, ~30% more
-    compute with LoRA). `share` < 1 checkpoints only that share of the decoder layers, spread evenly, a
-    memory/speed point in between. With frozen embeddings (LoRA) the inputs must require grad for the
-    recomputation to count. Returns the number of layers checkpointed."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(base, "enable_input_require_grads"):
-        base.enable_input_require_grads()
-    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for i, layer in enumerate(layers):  # layer i is checkpointed when the running share crosses an integer
-        layer.gradient_checkpointing = int((i + 1) * share + 1e-9) > int(i * share + 1e-9)
-    return sum(layer.gradient_checkpointing for layer in layers)
-
-
-def save_activation_memory(model, cfg) -> None:
-    """--mmap-threshold-mb (the C allocator's policy for large blocks), --activation-checkpointing
-    (recompute whole blocks; --checkpoint-share of them) and/or
-    --recompute-elementwise (rebuild norms and activation functions in the blocks that keep their
-    activations; not under --compile, whose graphs take no saved-tensor hooks); under --bf16, frozen
-    weights (a LoRA base) stored in bf16, as autocast would cast them at every use (not under FSDP2,
-    whose shards need one dtype)."""
-    from lmtune.train import distributed
-    from lmtune.train.memory import frozen_weights_bf16, recompute_elementwise, set_mmap_threshold
-
-    set_mmap_threshold(cfg.mmap_threshold_mb)
-    share = cfg.checkpoint_share if cfg.activation_checkpointing else 0.0
-    if share > 0:
-        enable_activation_checkpointing(model, share)
-    if share < 1 and cfg.recompute_elementwise and not cfg.compile:
-        recompute_elementwise(model)
-    if cfg.bf16 and distributed.world().mode != "fsdp":
-        frozen_weights_bf16(model)
-
-
 def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

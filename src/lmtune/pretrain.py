@@ -60,6 +60,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from lmtune.train import distributed
     from lmtune.train.checkpoint import check_out_dir, create_out_dir, discard_if_failed_early
     from lmtune.train.loop import fit, mean_loss
+    from lmtune.train.memory import save_activation_memory
 
     from lmtune import device
 
@@ -84,7 +85,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     model = models.build_from_preset(cfg.model_size, tokenizer, cfg.max_length, cfg.model_config)
     total, _ = models.count_parameters(model)
     n_tokens = examples.total
-    models.save_activation_memory(model, cfg)
+    save_activation_memory(model, cfg)
 
     coll = partial(collate, pad_id=tokenizer.pad_token_id)
     evaluate = (lambda m: {"val_loss": mean_loss(m, val_examples, coll, task.loss, cfg.batch_size)}) \

@@ -79,7 +79,7 @@ def _input_of(target: str) -> str:
 
 def checkpointed_layers(s: Shape, run, ckpt: bool) -> int:
     """How many layers activation checkpointing recomputes (--checkpoint-share of them), counted as
-    models.enable_activation_checkpointing picks them."""
+    train.memory.enable_activation_checkpointing picks them."""
     return int(s.layers * getattr(run, "checkpoint_share", 1.0) + 1e-9) if ckpt else 0
 
 
