@@ -9,10 +9,11 @@ import torch
 
 def _model(tiny_chat_model, lora: bool):
     from lmtune import models
+    from lmtune.lora import attach_lora
 
     model, tok = models.load_causal_lm(tiny_chat_model)
     if lora:
-        model = models.attach_lora(model, 8, 16, 0.0, "all-linear")
+        model = attach_lora(model, 8, 16, 0.0, "all-linear")
         torch.manual_seed(1)
         for n, p in model.named_parameters():  # B starts at zero; make the adapter's path non-trivial
             if "lora_B" in n:

@@ -18,10 +18,10 @@ from lmtune.finetune import finetune
 
 
 def _bnb_cpu_reason() -> str:
-    from lmtune import models
+    from lmtune import lora
 
     try:
-        models.check_4bit(torch.device("cpu"))
+        lora.check_4bit(torch.device("cpu"))
     except LmtuneError as e:
         return str(e)
     return ""

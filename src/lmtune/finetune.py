@@ -70,7 +70,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     started = budget.run_start()  # a --budget counts from here: loading and encoding are part of the run
     import torch
 
-    from lmtune import files, models, retention
+    from lmtune import files, lora, models, retention
     from lmtune.data.columns import EncodedColumns, pack
     from lmtune.errors import LmtuneError
     from lmtune.track import plot_loss, write_run_info
@@ -87,7 +87,7 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     if cfg.quantize == "4bit":
         if not cfg.lora:
             raise LmtuneError("--quantize 4bit trains a LoRA adapter on a frozen 4-bit base: add --lora")
-        models.check_4bit(dev)
+        lora.check_4bit(dev)
     inputs = files.local_inputs(data=cfg.data, eval_data=cfg.eval_data, model=cfg.model,
                                 config=getattr(cfg, "_config_file", ""))
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite, inputs, settings=to_dict(cfg))
@@ -130,8 +130,8 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
 
     torch.manual_seed(cfg.seed)
     if cfg.lora:
-        model = models.attach_task_lora(model, meta["head"], cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                        cfg.lora_targets)
+        model = lora.attach_task_lora(model, meta["head"], cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                      cfg.lora_targets)
     save_activation_memory(model, cfg)
     total, trainable = models.count_parameters(model)
 

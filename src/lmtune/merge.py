@@ -74,10 +74,10 @@ def check_adapter_fits(base, adapter: Path, base_name: str) -> None:
 def dequantized_base(base_name: str):
     """A QLoRA adapter's base as it trained: loaded in NF4 as finetune --quantize 4bit loads it, then
     de-quantized to fp32, so the merged weights are the ones the adapter learnt against."""
-    from lmtune import device, models
+    from lmtune import device, lora, models
 
     dev = device.resolve("auto")
-    models.check_4bit(dev)
+    lora.check_4bit(dev)
     base, tokenizer, _ = models.load_for_task(base_name, "", "causal", quantize="4bit", device=dev)
     base = base.dequantize().float().cpu()
     base.hf_quantizer = None  # a plain model from here on (saved without quantization_config)

@@ -1,4 +1,4 @@
-"""Models: resolve a name to weights on disk, load it, build one from a size preset, attach LoRA.
+"""Models: resolve a name to weights on disk, load it for a task, build one from a size preset, save it.
 
 A model name is tried, in order, as: a built-in alias, a local folder (a full Hugging Face model or a
 peft adapter), a `.gguf` file, and a hub id (only when online). GGUF files are converted once to a
@@ -14,15 +14,12 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmtune import files
 from lmtune.errors import LmtuneError
-
-# peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every wrap: noise for users
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+from lmtune.lora import bnb_4bit_config
 
 
 @dataclass(frozen=True)
@@ -204,11 +201,6 @@ def build_from_preset(size: str, tokenizer, max_length: int, config_file: str = 
         return LlamaForCausalLM(cfg)
 
 
-def attach_lora(model, r: int, alpha: float, dropout: float, targets: str):
-    """Wrap a causal LM with a fresh LoRA adapter; only the adapter's weights need gradients."""
-    return attach_task_lora(model, "causal", r, alpha, dropout, targets)
-
-
 def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -303,35 +295,6 @@ def load_options(cfg) -> dict:
     return {"quantize": "4bit", "device": device.resolve(cfg.device)}
 
 
-def bnb_4bit_config():
-    """QLoRA's storage: NF4 weights, their scales quantized again (double quantization), bf16 compute."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-def check_4bit(dev) -> None:
-    """A one-line error unless bitsandbytes is installed and can quantize on `dev` (CUDA; its CPU backend
-    where the installed version has one), checked before any model is loaded."""
-    import torch
-
-    from lmtune.errors import require
-
-    require("bitsandbytes", "gpu", "--quantize 4bit")
-    try:
-        import bitsandbytes.functional as bnb_f
-
-        q, state = bnb_f.quantize_4bit(torch.randn(64, 64, device=dev, dtype=torch.bfloat16), quant_type="nf4",
-                                       compress_statistics=True)
-        bnb_f.dequantize_4bit(q, state)
-    except Exception as e:  # noqa: BLE001 - whatever the backend raises, the user needs the same line
-        raise LmtuneError(f"--quantize 4bit: bitsandbytes cannot run on {dev} here ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:150] if str(e) else 'no backend'}); use a CUDA device "
-                          "(--device cuda) or train without --quantize") from None
-
-
 def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None = None,
                   trainable_adapter: bool = False, dtype=None, quantize: str = "none", device=None):
     """(model, tokenizer, path) with the head `task` needs; an adapter folder brings its base model.
@@ -375,7 +338,7 @@ def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None =
         with files.loading(path, "LoRA adapter", "check adapter_config.json and adapter_model.safetensors, or "
                            "train the adapter again"):
             model = PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
-        fuse_lora(model)  # as attach_task_lora: a loaded adapter trains and predicts as fast as a new one
+        fuse_lora(model)  # as lora.attach_task_lora: a loaded adapter trains and predicts as fast as a new one
     tok = load_tokenizer(path if (Path(path) / "tokenizer_config.json").is_file() else base_path)
     if head == "seq_cls":  # decoders classify from the last non-pad token, found by the pad id
         model.config.pad_token_id = tok.pad_token_id
@@ -395,26 +358,3 @@ def check_max_length(model, examples: list[dict], max_length: int, name: str) ->
     if longest > limit:
         raise LmtuneError(f"--max-length {max_length}: examples of {longest} tokens are longer than model {name} "
                           f"can see ({limit} positions): give --max-length {limit} or less")
-
-
-def attach_task_lora(model, head: str, r: int, alpha: float, dropout: float, targets: str):
-    """LoRA for a task head. The new head (classifier/score, qa_outputs) is trained in full and saved
-    with the adapter (modules_to_save): a frozen random head could not learn anything."""
-    from peft import LoraConfig, get_peft_model
-
-    task_type = {"causal": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "qa_span": "QUESTION_ANS",
-                 "seq2seq": "SEQ_2_SEQ_LM"}[head]
-    heads = {"seq_cls": ["classifier", "score"], "qa_span": ["qa_outputs"]}.get(head)
-    names = {n.split(".")[-1] for n, _ in model.named_modules()}
-    keep = [h for h in heads if h in names] if heads else None
-    target = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, task_type=task_type,
-                     modules_to_save=keep)
-    try:
-        model = get_peft_model(model, cfg)
-    except ValueError as e:
-        raise LmtuneError(f"lora_targets '{targets}': {str(e).splitlines()[0]}") from None
-    from lmtune.fused import fuse_lora
-
-    fuse_lora(model)  # scale-and-add inside the matmul: no full-size temporaries per adapted layer
-    return model

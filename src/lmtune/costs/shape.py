@@ -46,6 +46,7 @@ def model_shape(run, verb: str) -> Shape:
     import torch
 
     from lmtune import models
+    from lmtune.lora import attach_lora, attach_task_lora
 
     model = _meta_model(run, verb)
     cfg = model.config
@@ -57,9 +58,9 @@ def model_shape(run, verb: str) -> Shape:
     if lora:
         task = run.task if verb == "finetune" else "lm"
         head = {"instruct": "causal", "lm": "causal", "classify": "seq_cls"}.get(task, "causal")
-        model = models.attach_task_lora(model, head, run.lora_r, run.lora_alpha, run.lora_dropout,
-                                        run.lora_targets) if head != "causal" else \
-            models.attach_lora(model, run.lora_r, run.lora_alpha, run.lora_dropout, run.lora_targets)
+        model = attach_task_lora(model, head, run.lora_r, run.lora_alpha, run.lora_dropout,
+                                 run.lora_targets) if head != "causal" else \
+            attach_lora(model, run.lora_r, run.lora_alpha, run.lora_dropout, run.lora_targets)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out_emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     skip = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
