@@ -191,7 +191,7 @@ class DemoConfig:
     eval_examples: int = opt(60, "Held-back examples scored before and after.", min=4)
     max_steps: int = opt(80, "LoRA optimizer steps.", min=1)
     batch_size: int = opt(8, "Sequences per step.", min=1)
-    learning_rate: float = opt(5e-4, "Peak learning rate (5e-4: the task still reaches 98% and more of the "
+    learning_rate: float = opt(5e-4, "Peak learning rate (5e-4: the task still reaches 98%% and more of the "
                                "general answers stay the base model's than at 2e-3; README, Forgetting).", min=0.0)
     seed: int = opt(0, "Seed for data generation and training.")
     overwrite: bool = opt(True, "Replace an earlier demo run in --out.")
