@@ -8,7 +8,8 @@ still answered as the base model answers them. About 5 minutes a point on an idl
     python bench/retention.py --points mix=0 mix=0.2  # chosen points; key=value[,key=value] per point
     python bench/retention.py --table runs/retention  # only print the table of the runs already there
 
-Keys: mix (--mix-retain), r (--lora-r), steps (--max-steps), lr (--learning-rate); the others stay at the
+Keys: mix (--mix-retain), r (--lora-r), steps (--max-steps), lr (--learning-rate), loss (--replay-loss: tokens
+or kl); the others stay at the
 demo's defaults. A point whose folder already holds demo.json is not run again.
 """
 
@@ -20,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-FLAGS = {"mix": "--mix-retain", "r": "--lora-r", "steps": "--max-steps", "lr": "--learning-rate"}
+FLAGS = {"mix": "--mix-retain", "r": "--lora-r", "steps": "--max-steps", "lr": "--learning-rate",
+         "loss": "--replay-loss"}
 GRID = ["mix=0", "mix=0.1", "mix=0.2", "mix=0.4",              # replay share at the demo's other defaults
         "mix=0,lr=5e-4", "mix=0,r=4", "mix=0,steps=40",       # without replay: gentler training instead
         "mix=0.2,r=4", "mix=0.2,steps=40", "mix=0.2,lr=1e-3"]
@@ -47,11 +49,11 @@ def run_point(point: dict, root: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| --mix-retain | --lora-r | --max-steps | --learning-rate | exact match before -> after | "
-             "general answers kept | word F1 with the base answers | minutes |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| --mix-retain | --replay-loss | --lora-r | --max-steps | --learning-rate | exact match before -> after | "
+             "general answers kept | word F1 with the base answers | minutes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         n = r["general_prompts"]
-        lines.append(f"| {r['mix_retain']} | {r['lora_r']} | {r['max_steps']} | {r['learning_rate']:g} | "
+        lines.append(f"| {r['mix_retain']} | {r.get('replay_loss', 'tokens')} | {r['lora_r']} | {r['max_steps']} | {r['learning_rate']:g} | "
                      f"{r['exact_match_before']:.1f}% -> {r['exact_match_after']:.1f}% | "
                      f"{r['general_kept_after']}/{n} ({100 * r['general_kept_after'] / n:.0f}%) | "
                      f"{r.get('general_f1_after', float('nan')):.2f} | {r['minutes']} |")

@@ -10,6 +10,7 @@ from lmtune import retention
 from lmtune.config import EvaluateConfig, FinetuneConfig
 from lmtune.evaluate import evaluate
 from lmtune.finetune import finetune
+from lmtune.data.batching import collate
 from lmtune.train import loop
 
 
@@ -42,6 +43,59 @@ def test_retention_is_scored_on_the_base_model_before_training(tmp_path, tiny_ch
     err = capsys.readouterr().err
     done = [line for line in err.splitlines() if line.startswith("done:")][-1]
     assert "training loss" in done and "retention: 50/50 -> " in done and "retain_loss" in done
+
+
+def test_replay_loss_kl_marks_the_replayed_rows_of_every_batch(tmp_path, tiny_chat_model, dates_jsonl, monkeypatch):
+    """--replay-loss kl: every batch says which of its rows replay the base model (the loss below then takes
+    the KL divergence on those), and those are the replayed examples: 16 of one epoch's 80 at 20%."""
+    flags, real = [], retention.distilling
+
+    def recording(task_loss):
+        inner = real(task_loss)
+
+        def loss(model, batch):
+            flags.append(batch["replay"].tolist())
+            return inner(model, batch)
+        return loss
+    monkeypatch.setattr(retention, "distilling", recording)
+    out = tmp_path / "kl"
+    finetune(FinetuneConfig(model=tiny_chat_model, data=dates_jsonl, out=str(out), lora=True, max_steps=10,
+                            batch_size=8, max_length=128, mix_retain=0.2, replay_loss="kl", retain_data="none"))
+    assert len(flags) == 10 and sum(map(sum, flags)) == 16  # one epoch: every replayed example once
+    replay = [json.loads(line) for line in (out / "replay.jsonl").read_text().splitlines()]
+    assert len(replay) == 80 and all(r["ids"] for r in replay)  # the base model's own tokens, kept for --resume
+    # validation rows carry no flag: their loss is the task's alone
+    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}], pad_id=0)
+    assert "replay" not in batch
+
+
+def test_replay_kl_of_the_untrained_adapter_is_zero(tiny_chat_model):
+    import torch
+
+    from lmtune import models
+    from lmtune.data.batching import collate
+    from lmtune.tasks import instruct
+
+    model, tok = models.load_causal_lm(tiny_chat_model)
+    model = models.attach_task_lora(model, "causal", 8, 16, 0.0, "all-linear")
+    rows = [{"prompt": "Say hi.", "completion": "Hi there, friend."}, {"prompt": "2+2?", "completion": "4"}]
+    ex = [dict(e, replay=[i]) for i, e in enumerate(instruct.encode_all(rows, tok, 64, "x"))]
+    batch = collate(ex, pad_id=tok.pad_token_id)
+    loss = retention.distilling(instruct.loss)
+    total, count = loss(model, batch)
+    task_only, n_task = instruct.loss(model, {k: v[:1] if torch.is_tensor(v) else v for k, v in batch.items()
+                                              if k != "replay"})
+    assert count == n_task + int((batch["labels"][1, 1:] != -100).sum())
+    assert float(total) == pytest.approx(float(task_only), abs=1e-5)  # the replayed row adds KL 0
+    # once the adapter moves, the replayed row's KL is positive and has a gradient into the adapter
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    total, _ = loss(model, batch)
+    assert float(total) > float(task_only) + 1e-4
+    total.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for n, p in model.named_parameters()
+               if "lora_B" in n)
 
 
 def test_mix_retain_replays_that_share_of_each_epoch(tmp_path, tiny_chat_model, dates_jsonl, monkeypatch):

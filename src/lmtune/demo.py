@@ -78,7 +78,7 @@ def demo(cfg: DemoConfig) -> dict:
                         lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, max_steps=cfg.max_steps,
                         batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, warmup_steps=5,
                         schedule="cosine", max_length=128, seed=cfg.seed, save_every=cfg.max_steps,
-                        mix_retain=cfg.mix_retain, device=cfg.device)
+                        mix_retain=cfg.mix_retain, replay_loss=cfg.replay_loss, device=cfg.device)
     finetune(ft)
     kept_before, kept_after, n_general, general, f1_after = _retention(out / "adapter")
 
@@ -88,7 +88,7 @@ def demo(cfg: DemoConfig) -> dict:
     result = {"task": "dates", "model": cfg.model, "eval_examples": len(eval_rows),
               "exact_match_before": before, "exact_match_after": after, "general_prompts": n_general,
               "general_kept_before": kept_before, "general_kept_after": kept_after, "general_f1_after": f1_after,
-              "mix_retain": cfg.mix_retain,
+              "mix_retain": cfg.mix_retain, "replay_loss": cfg.replay_loss,
               "lora_r": cfg.lora_r, "max_steps": cfg.max_steps, "learning_rate": cfg.learning_rate,
               "minutes": round(minutes, 2), "adapter": str(out / "adapter")}
     files.write_text(out / "demo.json", json.dumps(result, indent=2) + "\n")

@@ -170,12 +170,13 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
             retain.out = out
         if cfg.mix_retain:  # replay: general prompts with the base model's answers, before any training
             replay = retention.replay_examples(cfg.replay_data, model, tokenizer, cfg.max_length, cfg.batch_size,
-                                               out, cfg.resume)
+                                               out, cfg.resume, mark=cfg.replay_loss == "kl")
             n_task, examples = len(examples), retention.mix(examples, replay, cfg.mix_retain)
             if distributed.world().is_main:
                 print(f"replay: {len(examples) - n_task} of {len(examples)} training examples ({cfg.mix_retain:.0%}) "
                       f"are {len(replay)} general prompts answered by the base model", file=sys.stderr)
-        last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate if validates else None,
+        loss_fn = retention.distilling(task.loss) if cfg.mix_retain and cfg.replay_loss == "kl" else task.loss
+        last = fit(model, examples, cfg, out, collate=coll, loss_fn=loss_fn, evaluate=evaluate if validates else None,
                    resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"),
                    metric=metric, mode=mode, patience=cfg.early_stopping_patience,
                    save_best=best_saver(out, tokenizer, meta) if eval_rows else None, on_validation=on_validation,

@@ -151,12 +151,13 @@ class RetainSet:
 
 
 def replay_examples(spec: str, model, tokenizer, max_length: int, batch_size: int, out: Path,
-                    resume: bool) -> list[dict]:
+                    resume: bool, mark: bool = False) -> list[dict]:
     """The replay pool: general prompts (--replay-data, else the built-in ones) with the base model's greedy
     answers as targets, token for token as it generated them: an answer it ended carries its stop token, one
     cut at REPLAY_NEW_TOKENS carries none (a forced end of turn there taught the fine-tune to stop early, and
     its answers to general prompts came out cut at their first sentence). The answers go to OUT/replay.jsonl;
-    a resumed run reads them back from there, so it trains on exactly the examples the first part did."""
+    a resumed run reads them back from there, so it trains on exactly the examples the first part did.
+    `mark`: each example carries replay=[1] (for `distilling`)."""
     from lmtune.data.batching import IGNORE
     from lmtune.data.readers import read_records
     from lmtune.tasks import instruct
@@ -179,7 +180,7 @@ def replay_examples(spec: str, model, tokenizer, max_length: int, batch_size: in
         ids = (ask + p["ids"])[:max_length]
         labels = ([IGNORE] * len(ask) + p["ids"])[:max_length]
         if any(t != IGNORE for t in labels[1:]):  # an answer of no token (or cut off entirely) teaches nothing
-            examples.append({"input_ids": ids, "labels": labels})
+            examples.append({"input_ids": ids, "labels": labels, **({"replay": [1]} if mark else {})})
     if not examples:
         raise LmtuneError(f"{path}: no replay prompt leaves room for an answer within max_length={max_length}: "
                           "raise --max-length")
@@ -194,11 +195,45 @@ def mix(examples: list[dict], replay: list[dict], share: float) -> list[dict]:
         return examples
     n = round(share / (1 - share) * len(examples))
     extra = [replay[i % len(replay)] for i in range(n)]
+    tag = {"replay": [0]} if "replay" in replay[0] else {}  # every row says whether it replays (see `distilling`)
     if isinstance(examples, list):
-        return examples + extra
+        return [{**e, **tag} for e in examples] + extra if tag else examples + extra
     from lmtune.data.columns import EncodedColumns  # the task's columns, then the replayed rows, as new columns
 
-    return EncodedColumns.write(itertools.chain((examples[i] for i in range(len(examples))), extra))
+    return EncodedColumns.write(itertools.chain(({**examples[i], **tag} for i in range(len(examples))), extra))
+
+
+def distilling(task_loss):
+    """The loss of `--replay-loss kl`: on the task's rows of a batch the task's loss; on the replayed rows
+    (batch["replay"]) the KL divergence from the base model's next-token distribution to the fine-tune's, at
+    every token of the base model's answer. The base model is the same model with its adapter switched off
+    (no second copy in memory, one forward without gradients). The greedy token alone (--replay-loss tokens)
+    says nothing of how sure the base model was; the whole distribution keeps its margins, so a small change
+    of the weights is less likely to flip a later greedy token. Both sums are per target token, so the loop's
+    division by the step's total count weighs a replayed token as a task token."""
+    def loss(model, batch: dict):
+        import torch
+        import torch.nn.functional as F
+
+        from lmtune.data.batching import IGNORE
+
+        replay = batch.get("replay")
+        if replay is None or not bool(replay.any()):
+            return task_loss(model, batch)
+
+        def rows(sel):
+            return {k: v[sel] if torch.is_tensor(v) and v.dim() and v.shape[0] == len(sel) else v
+                    for k, v in batch.items() if k != "replay"}
+        total, count = task_loss(model, rows(~replay)) if bool((~replay).any()) else (0.0, 0)
+        r = rows(replay)
+        keep = r["labels"][:, 1:] != IGNORE
+        inputs = {"input_ids": r["input_ids"], "attention_mask": r.get("attention_mask"), "use_cache": False}
+        with torch.no_grad(), model.disable_adapter():
+            base = model(**inputs).logits[:, :-1][keep].float().log_softmax(-1)
+        mine = model(**inputs).logits[:, :-1][keep].float().log_softmax(-1)
+        kl = F.kl_div(mine, base, log_target=True, reduction="sum")
+        return total + kl, count + int(keep.sum())
+    return loss
 
 
 def check_options(cfg, head: str | None = None) -> None:
@@ -212,6 +247,9 @@ def check_options(cfg, head: str | None = None) -> None:
     if share and cfg.task not in ("instruct",):
         raise LmtuneError(f"--mix-retain replays general chat prompts: it works with --task instruct, "
                           f"not --task {cfg.task}")
+    if share and getattr(cfg, "replay_loss", "tokens") == "kl" and not getattr(cfg, "lora", False):
+        raise LmtuneError("--replay-loss kl compares with the base model as the model with its adapter switched off: "
+                          "it needs --lora (or use --replay-loss tokens)")
     replay = getattr(cfg, "replay_data", "")
     if replay and not Path(replay).is_file():
         raise LmtuneError(f"--replay-data {replay}: file not found; give an instruct file of general prompts")

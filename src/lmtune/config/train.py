@@ -133,6 +133,10 @@ class FinetuneConfig(TaskOptions, TrainConfig):
     replay_data: str = opt("", "With --mix-retain: general prompts to replay (any instruct format; the responses are "
                            "the base model's own greedy answers, saved in OUT/replay.jsonl); empty: lmtune's 80 "
                            "built-in prompts (none of them in the built-in retain set).")
+    replay_loss: str = opt("tokens", "With --mix-retain: what a replayed example teaches. 'tokens': the base model's "
+                           "greedy answer (cross-entropy); 'kl': its whole next-token distribution along that answer "
+                           "(KL divergence from the model with the adapter switched off; needs --lora).",
+                           choices=("tokens", "kl"))
     quantize: str = opt("none", "With --lora: load the frozen base in 4 bits (QLoRA: bitsandbytes NF4, double "
                         "quantization, bf16 compute; causal-LM tasks; needs lmtune[gpu]). The adapter is saved as "
                         "usual; `lmtune merge` folds it into the de-quantized base.", choices=("none", "4bit"))
@@ -197,6 +201,8 @@ class DemoConfig:
     overwrite: bool = opt(True, "Replace an earlier demo run in --out.")
     mix_retain: float = opt(0.2, "Share of the training examples that replay general prompts answered by the base "
                             "model (keeps its general answers; 0: the task alone).", min=0.0)
+    replay_loss: str = opt("tokens", "What a replayed example teaches: the base model's greedy answer ('tokens') or "
+                           "its whole next-token distribution along it ('kl').", choices=("tokens", "kl"))
     lora_r: int = opt(16, "LoRA rank (alpha is twice the rank).", min=1)
     device: str = opt("auto", "Where to run the model: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, "
                       "cuda:N or mps.")

@@ -29,7 +29,10 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_tokens": int(mask.sum())}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "n_tokens": int(mask.sum())}
+    if "replay" in examples[0]:  # which rows replay the base model (retention's --replay-loss kl)
+        batch["replay"] = torch.tensor([bool(e["replay"][0]) for e in examples])
+    return batch
 
 
 def _collate_packed(blocks: list[dict], pad_id: int) -> dict:
