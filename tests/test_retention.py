@@ -63,7 +63,7 @@ def test_replay_loss_kl_marks_the_replayed_rows_of_every_batch(tmp_path, tiny_ch
                             batch_size=8, max_length=128, mix_retain=0.2, replay_loss="kl", retain_data="none"))
     assert len(flags) == 10 and sum(map(sum, flags)) == 16  # one epoch: every replayed example once
     replay = [json.loads(line) for line in (out / "replay.jsonl").read_text().splitlines()]
-    assert len(replay) == 80 and all(r["ids"] for r in replay)  # the base model's own tokens, kept for --resume
+    assert len(replay) == 176 and all(r["ids"] for r in replay)  # the base model's own tokens, kept for --resume
     # validation rows carry no flag: their loss is the task's alone
     batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}], pad_id=0)
     assert "replay" not in batch
@@ -72,12 +72,11 @@ def test_replay_loss_kl_marks_the_replayed_rows_of_every_batch(tmp_path, tiny_ch
 def test_replay_kl_of_the_untrained_adapter_is_zero(tiny_chat_model):
     import torch
 
-    from lmtune import models
-    from lmtune.data.batching import collate
+    from lmtune import lora, models
     from lmtune.tasks import instruct
 
     model, tok = models.load_causal_lm(tiny_chat_model)
-    model = models.attach_task_lora(model, "causal", 8, 16, 0.0, "all-linear")
+    model = lora.attach_task_lora(model, "causal", 8, 16, 0.0, "all-linear")
     rows = [{"prompt": "Say hi.", "completion": "Hi there, friend."}, {"prompt": "2+2?", "completion": "4"}]
     ex = [dict(e, replay=[i]) for i, e in enumerate(instruct.encode_all(rows, tok, 64, "x"))]
     batch = collate(ex, pad_id=tok.pad_token_id)
@@ -85,7 +84,7 @@ def test_replay_kl_of_the_untrained_adapter_is_zero(tiny_chat_model):
     total, count = loss(model, batch)
     task_only, n_task = instruct.loss(model, {k: v[:1] if torch.is_tensor(v) else v for k, v in batch.items()
                                               if k != "replay"})
-    assert count == n_task + int((batch["labels"][1, 1:] != -100).sum())
+    assert count == n_task + int(batch["attention_mask"][1, 1:].sum())  # every position of the replayed row
     assert float(total) == pytest.approx(float(task_only), abs=1e-5)  # the replayed row adds KL 0
     # once the adapter moves, the replayed row's KL is positive and has a gradient into the adapter
     for n, p in model.named_parameters():
@@ -114,7 +113,7 @@ def test_mix_retain_replays_that_share_of_each_epoch(tmp_path, tiny_chat_model, 
     assert sorted(picked) == list(range(80))  # one epoch: every example once
     assert sum(i >= 64 for i in picked) == 16  # of them 16 replayed: 20% of the batches' rows
     replay = [json.loads(line) for line in (out / "replay.jsonl").read_text().splitlines()]
-    assert len(replay) == 80 and replay[0]["prompt"] == "What is the capital of Germany?"
+    assert len(replay) == 176 and replay[0]["prompt"] == "What is the capital of Germany?"
     assert "retain_loss" not in json.dumps(read_metrics(out))  # --retain-data none: nothing scored
 
     # the order is a pure function of (seed, step): the same seed picks the same rows, another seed others

@@ -131,11 +131,12 @@ class FinetuneConfig(TaskOptions, TrainConfig):
                             "by the base model itself (--replay-data), so the fine-tune keeps its general answers; "
                             "in [0, 1).", min=0.0)
     replay_data: str = opt("", "With --mix-retain: general prompts to replay (any instruct format; the responses are "
-                           "the base model's own greedy answers, saved in OUT/replay.jsonl); empty: lmtune's 80 "
+                           "the base model's own greedy answers, saved in OUT/replay.jsonl); empty: lmtune's 176 "
                            "built-in prompts (none of them in the built-in retain set).")
     replay_loss: str = opt("tokens", "With --mix-retain: what a replayed example teaches. 'tokens': the base model's "
-                           "greedy answer (cross-entropy); 'kl': its whole next-token distribution along that answer "
-                           "(KL divergence from the model with the adapter switched off; needs --lora).",
+                           "greedy answer (cross-entropy); 'kl': its whole next-token distribution at every position of the "
+                           "replayed conversation (KL divergence from the model with the adapter switched off; keeps "
+                           "more general answers; needs --lora).",
                            choices=("tokens", "kl"))
     quantize: str = opt("none", "With --lora: load the frozen base in 4 bits (QLoRA: bitsandbytes NF4, double "
                         "quantization, bf16 compute; causal-LM tasks; needs lmtune[gpu]). The adapter is saved as "
