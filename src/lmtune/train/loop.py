@@ -192,7 +192,7 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
         mode: str = "min", patience: int = 0, save_best: Callable | None = None,
         on_validation: Callable | None = None, plan=None, evaluate_first: bool = False) -> dict:
     """Train `model` in place on `examples` (a list of encoded dicts, or any sequence with __len__,
-    __getitem__ and `lengths`, such as pretraining's memory-mapped TokenBlocks); returns the last metrics.
+    __getitem__ and `lengths`, such as pretraining's TokenBlocks, read from token shards); returns the last metrics.
 
     `evaluate(model) -> metrics` runs every `cfg.eval_every` steps and at the end. When `metrics[metric]`
     improves (`mode` 'max' or 'min') `save_best(model, step, metrics)` is called; after `patience`
