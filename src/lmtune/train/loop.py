@@ -62,9 +62,13 @@ def _epoch_order(n_examples: int, seed: int, epoch: int, batch_size: int = 1,
                  lengths: tuple[int, ...] | None = None):
     if lengths is None:
         # a NumPy permutation (4 bytes an example), not a list of Python ints (~36): a pretraining corpus
-        # of a million blocks keeps its order in 4 MB
+        # of a million blocks keeps its order in 4 MB. Shuffled in place in its final dtype: the same
+        # order as rng.permutation(n) (the same draws, whatever the dtype) without its int64 copy, 8 more
+        # bytes a block at the first step
         rng = np.random.default_rng(seed * 1_000_003 + epoch)
-        return rng.permutation(n_examples).astype(np.uint32 if n_examples < 2**32 else np.int64)
+        order = np.arange(n_examples, dtype=np.uint32 if n_examples < 2**32 else np.int64)
+        rng.shuffle(order)
+        return order
     order = list(range(n_examples))
     rng = random.Random(seed * 1_000_003 + epoch)
     rng.shuffle(order)
