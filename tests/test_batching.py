@@ -69,3 +69,18 @@ def test_length_grouping_cuts_padding_and_keeps_every_row_once():
     assert pad_grouped < 1.1 * sum(lengths)
     assert grouped == [micro_batch(1000, bs, 0, i, lengths) for i in range(per_epoch)]
     assert grouped != [micro_batch(1000, bs, 1, i, lengths) for i in range(per_epoch)]  # the seed matters
+
+
+def test_block_order_is_the_one_runs_were_started_with():
+    """The ungrouped order (pretraining's blocks) is pinned to numpy's rng.permutation of the step's seed:
+    a run resumed after an upgrade (or on another rank count) must find the same blocks at the same step."""
+    import numpy as np
+
+    from lmtune.train.loop import micro_batch
+
+    for n, bs, seed in ((1000, 8, 0), (95_616, 8, 1), (7, 3, 5)):
+        per_epoch = -(-n // bs)
+        for index in (0, 1, per_epoch - 1, per_epoch, 3 * per_epoch + 2):
+            epoch, i = divmod(index, per_epoch)
+            expect = np.random.default_rng(seed * 1_000_003 + epoch).permutation(n)[i * bs:(i + 1) * bs].tolist()
+            assert micro_batch(n, bs, seed, index) == expect, (n, seed, index)

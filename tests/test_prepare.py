@@ -1,4 +1,4 @@
-"""Prepared token shards: where text comes from, resumable parallel prepare, training on memory maps,
+"""Prepared token shards: where text comes from, resumable parallel prepare, training on blocks read from them,
 and the one-line errors of a damaged prepared folder."""
 
 import gzip
@@ -185,6 +185,23 @@ def test_training_blocks_are_the_shards_tokens_in_order(tmp_path, shakespeare_sm
     every, some = shards.TokenBlocks(prep, m, "val", 64), shards.TokenBlocks(prep, m, "val", 64, limit=3)
     assert len(every) > 3 and len(some) == 3  # --val-max-blocks: evenly spread, first and last included
     assert some[0] == every[0] and some[2] == every[len(every) - 1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux /proc")
+def test_blocks_are_read_not_mapped(tmp_path, shakespeare_small):
+    """Reading blocks maps no shard into the process (a mapped page counts in its resident memory, so
+    memmapped blocks grew pretraining's RSS with the corpus), and a shard cut short after `load` checked
+    it is one line naming the shard, not a SIGBUS."""
+    prep = _prepared(tmp_path, shakespeare_small)
+    m = shards.load(prep)
+    blocks = shards.TokenBlocks(prep, m, "train", 64)
+    for i in range(0, len(blocks), 7):
+        blocks[i]
+    assert ".bin" not in Path("/proc/self/maps").read_text()
+    last = prep / m["shards"][-1]["train"]["file"]
+    os.truncate(last, last.stat().st_size // 2)
+    with pytest.raises(LmtuneError, match=f"shard {re.escape(str(last))} is shorter than its manifest"):
+        blocks[len(blocks) - 1]
 
 
 def test_damaged_prepared_folders_are_one_line_errors(tmp_path, shakespeare_small):
