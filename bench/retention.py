@@ -23,9 +23,10 @@ from pathlib import Path
 
 FLAGS = {"mix": "--mix-retain", "r": "--lora-r", "steps": "--max-steps", "lr": "--learning-rate",
          "loss": "--replay-loss"}
-GRID = ["mix=0", "mix=0.1", "mix=0.2", "mix=0.4",              # replay share at the demo's other defaults
-        "mix=0,lr=5e-4", "mix=0,r=4", "mix=0,steps=40",       # without replay: gentler training instead
-        "mix=0.2,r=4", "mix=0.2,steps=40", "mix=0.2,lr=1e-3"]
+GRID = ["mix=0", "mix=0.2,loss=tokens", "mix=0.2",          # no replay; greedy-token replay; KL replay
+        "mix=0.5", "mix=0.7",                                 # replay share (KL)
+        "mix=0.5,steps=45", "mix=0.5,steps=160",              # steps: KL pulls back what the task moved
+        "mix=0.6,steps=120", "mix=0.7,steps=160", "mix=0.5,lr=2e-4"]
 
 
 def parse_point(text: str) -> dict:
