@@ -45,7 +45,8 @@ def test_retention_is_scored_on_the_base_model_before_training(tmp_path, tiny_ch
     assert "training loss" in done and "retention: 50/50 -> " in done and "retain_loss" in done
 
 
-def test_replay_loss_kl_marks_the_replayed_rows_of_every_batch(tmp_path, tiny_chat_model, dates_jsonl, monkeypatch):
+def test_replay_loss_kl_marks_the_replayed_rows_of_every_batch(tmp_path, tiny_chat_model, dates_jsonl, monkeypatch,
+                                                               capsys):
     """--replay-loss kl: every batch says which of its rows replay the base model (the loss below then takes
     the KL divergence on those), and those are the replayed examples: 16 of one epoch's 80 at 20%."""
     flags, real = [], retention.distilling
@@ -60,8 +61,10 @@ def test_replay_loss_kl_marks_the_replayed_rows_of_every_batch(tmp_path, tiny_ch
     monkeypatch.setattr(retention, "distilling", recording)
     out = tmp_path / "kl"
     finetune(FinetuneConfig(model=tiny_chat_model, data=dates_jsonl, out=str(out), lora=True, max_steps=10,
-                            batch_size=8, max_length=128, mix_retain=0.2, replay_loss="kl", retain_data="none"))
+                            batch_size=8, max_length=128, mix_retain=0.2, replay_loss="kl"))
     assert len(flags) == 10 and sum(map(sum, flags)) == 16  # one epoch: every replayed example once
+    done = [line for line in capsys.readouterr().err.splitlines() if line.startswith("done:")][-1]
+    assert "training loss (task + replay KL)" in done  # not the task's gain: the KL term starts at 0
     replay = [json.loads(line) for line in (out / "replay.jsonl").read_text().splitlines()]
     assert len(replay) == 176 and all(r["ids"] for r in replay)  # the base model's own tokens, kept for --resume
     # validation rows carry no flag: their loss is the task's alone

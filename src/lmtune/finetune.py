@@ -44,9 +44,10 @@ def best_saver(out: Path, tokenizer, meta: dict):
     return save_best
 
 
-def gain_and_loss(out: Path, metric: str, history: list[dict], retain) -> str:
+def gain_and_loss(out: Path, metric: str, history: list[dict], retain, kl_replay: bool = False) -> str:
     """What the run gained on its task (the watched metric from step 0, else the training loss from its
-    first step) beside what it lost elsewhere (retention), for the end-of-run line."""
+    first step) beside what it lost elsewhere (retention), for the end-of-run line. With KL replay the
+    training loss also sums a KL term that starts at 0, so the line says so (it is not the task's gain)."""
     import json
 
     if metric in history[0] and metric in history[-1]:
@@ -54,7 +55,8 @@ def gain_and_loss(out: Path, metric: str, history: list[dict], retain) -> str:
     else:
         losses = [r["loss"] for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
                   if "loss" in r]
-        gain = f"training loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+        what = "training loss (task + replay KL)" if kl_replay else "training loss"
+        gain = f"{what} {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
     return "; ".join(p for p in (gain, retain.summary()) if p)
 
 
@@ -185,6 +187,6 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     plot_loss(out)
     if distributed.world().is_main:
         print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; "
-              + (f"{gain_and_loss(out, metric, history, retain)}; " if retain and retain.history else "")
+              + (f"{gain_and_loss(out, metric, history, retain, bool(cfg.mix_retain) and cfg.replay_loss == 'kl')}; " if retain and retain.history else "")
               + f"model in {out}" + (f", best ({metric}) in {out / 'best'}" if eval_rows else ""), file=sys.stderr)
     return out
