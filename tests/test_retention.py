@@ -167,6 +167,10 @@ def test_reference_agreement_is_one_against_itself_and_lower_against_another(tmp
 @pytest.mark.parametrize("args, message", [
     (["--retain-data", "no/such/file.jsonl"], "--retain-data no/such/file.jsonl: file not found"),
     (["--mix-retain", "1.0"], "--mix-retain 1.0: the share of replayed examples must be in [0, 1)"),
+    (["--mix-retain", "0.2", "--replay-loss", "kl"], "--replay-loss kl compares with the base model as the model "
+                                                     "with its adapter switched off: it needs --lora"),
+    (["--lora", "--mix-retain", "0.2", "--replay-loss", "logits"],
+     "key 'replay_loss' must be one of tokens, kl, got 'logits'"),
 ])
 def test_bad_retention_options_are_one_line(tmp_path, tiny_chat_model, dates_jsonl, args, message):
     out = tmp_path / "bad"

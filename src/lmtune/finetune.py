@@ -170,14 +170,15 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     with discard_if_failed_early(out, cfg.resume):
         if retain:
             retain.out = out
+        kl_replay = bool(cfg.mix_retain) and cfg.replay_loss == "kl"
         if cfg.mix_retain:  # replay: general prompts with the base model's answers, before any training
             replay = retention.replay_examples(cfg.replay_data, model, tokenizer, cfg.max_length, cfg.batch_size,
-                                               out, cfg.resume, mark=cfg.replay_loss == "kl")
+                                               out, cfg.resume, mark=kl_replay)
             n_task, examples = len(examples), retention.mix(examples, replay, cfg.mix_retain)
             if distributed.world().is_main:
                 print(f"replay: {len(examples) - n_task} of {len(examples)} training examples ({cfg.mix_retain:.0%}) "
                       f"are {len(replay)} general prompts answered by the base model", file=sys.stderr)
-        loss_fn = retention.distilling(task.loss) if cfg.mix_retain and cfg.replay_loss == "kl" else task.loss
+        loss_fn = retention.distilling(task.loss) if kl_replay else task.loss
         last = fit(model, examples, cfg, out, collate=coll, loss_fn=loss_fn, evaluate=evaluate if validates else None,
                    resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"),
                    metric=metric, mode=mode, patience=cfg.early_stopping_patience,
@@ -187,6 +188,6 @@ def finetune(cfg: FinetuneConfig, *, on_validation=None) -> Path:
     plot_loss(out)
     if distributed.world().is_main:
         print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; "
-              + (f"{gain_and_loss(out, metric, history, retain, bool(cfg.mix_retain) and cfg.replay_loss == 'kl')}; " if retain and retain.history else "")
+              + (f"{gain_and_loss(out, metric, history, retain, kl_replay)}; " if retain and retain.history else "")
               + f"model in {out}" + (f", best ({metric}) in {out / 'best'}" if eval_rows else ""), file=sys.stderr)
     return out

@@ -219,8 +219,6 @@ def distilling(task_loss):
         import torch
         import torch.nn.functional as F
 
-        from lmtune.data.batching import IGNORE
-
         replay = batch.get("replay")
         if replay is None or not bool(replay.any()):
             return task_loss(model, batch)
