@@ -6,7 +6,8 @@ for 1, 4 and 16 concurrent clients (the `openai` client, streaming chat completi
 and max_tokens) sends `--rounds` requests per client back to back and reports: generated tokens/s in total
 (tokens counted by re-tokenizing each answer with the model's tokenizer, the same rule for every server),
 time to first token (TTFT) and the gap between streamed tokens, p50/p99. A last row gives `lmtune
-generate`'s own tokens/s (the decoder in process, batch 1, same prompt and length) for the 1-client ratio.
+generate`'s own tokens/s for the 1-client ratio: the decoder in process at batch 1, measured as the 1-client
+level is (its prompts, length, stop ids and token count, one request after the other).
 Each server gets the same CPU threads (--threads). A server that is not installed or fails to start is
 skipped with the reason.
 
@@ -154,23 +155,31 @@ def run_level(url: str, model: str, clients: int, rounds: int, max_tokens: int, 
             "ttft50": pct(ttft, 0.5), "ttft99": pct(ttft, 0.99), "tpot50": pct(gaps, 0.5), "tpot99": pct(gaps, 0.99)}
 
 
-def generate_rate(folder: str, max_tokens: int, threads: int) -> float:
-    """`lmtune generate`'s decoder in process: tokens/s at batch 1 for the first prompt (best of 3)."""
+def generate_rate(folder: str, max_tokens: int, threads: int, rounds: int, count) -> float:
+    """`lmtune generate`'s decoder in process at batch 1, measured as the 1-client level is: the same prompts
+    one after the other (`rounds` of them, after one warm-up), stopping at the model's stop ids, tokens
+    counted by the same rule, total tokens over total time."""
     import torch
 
     from lmtune import models
     from lmtune.generation.decoder import Decoder
+    from lmtune.generation.sampling import stop_ids
     from lmtune.tasks import instruct
 
     torch.set_num_threads(threads)
     model, tok = models.load_causal_lm(folder)
-    ids = tok(instruct.prompt_text(tok, PROMPTS[0]), add_special_tokens=False)["input_ids"]
-    dec, best = Decoder(model), 0.0
-    for _ in range(3):
-        t0 = time.perf_counter()
-        out = dec.generate([ids], max_tokens, eos_ids=[], pad_id=tok.pad_token_id)
-        best = max(best, out.shape[1] / (time.perf_counter() - t0))
-    return best
+    dec, eos = Decoder(model), stop_ids(model, tok)
+
+    def one(prompt: str, n: int) -> int:
+        ids = tok(instruct.prompt_text(tok, prompt), add_special_tokens=False)["input_ids"]
+        out = dec.generate([ids], n, eos_ids=eos, pad_id=tok.pad_token_id)[0].tolist()
+        return count(tok.decode([t for t in out if t not in eos], skip_special_tokens=True))
+
+    one(PROMPTS[0], 4)  # warm-up, as each server gets
+    t0, made = time.perf_counter(), 0
+    for r in range(rounds):
+        made += one(PROMPTS[r % len(PROMPTS)], max_tokens)
+    return made / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -219,7 +228,7 @@ def main() -> None:
                     print(f"{'':<13} first error: {r['errors'][0][:300]}")
         finally:
             stop(proc)
-    rate = generate_rate(folder, max_tokens, args.threads)
+    rate = generate_rate(folder, max_tokens, args.threads, rounds, count)
     print(f"{'generate':<13} {1:>7} {'':>5} {'':>4} {rate:>7.1f}   (lmtune's decoder in process, batch 1)")
     one, top = results.get(("lmtune", 1)), max(levels)
     if one:

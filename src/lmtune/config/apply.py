@@ -105,7 +105,8 @@ class ServeConfig:
     max_body_bytes: int = opt(1_000_000, "Largest request body in bytes.", min=1024)
     max_n: int = opt(4, "Most completions (n, or prompts x n) one request may ask for.", min=1)
     max_batch: int = opt(16, "Most sequences generated together in one batch.", min=1)
-    batch_wait_ms: float = opt(5.0, "How long the batcher waits for more requests before it starts a batch.", min=0.0)
+    batch_wait_ms: float = opt(0.0, "How long an idle batcher waits for more requests before it starts (0: at "
+                               "once; a request that arrives later joins the running batch at its next step).", min=0.0)
     bf16: bool = opt(None, "Generate in bf16 (default: on for a CUDA device that supports bf16, off on the CPU "
                      "and MPS).")
     device: str = opt("auto", "Where to run the model: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, "

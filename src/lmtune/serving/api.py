@@ -212,6 +212,7 @@ async def run_task(state: Served, route: str, body: TaskRequest) -> dict:
     from starlette.concurrency import run_in_threadpool
 
     from lmtune.config import PredictConfig
+    from lmtune.device import release_cpu_threads
 
     task = TASK_ROUTES[route]
     if body.model and body.model != state.name:
@@ -234,7 +235,10 @@ async def run_task(state: Served, route: str, body: TaskRequest) -> dict:
 
     def call():
         with state.lock:  # the batcher's worker may run the same model
-            return predict(state.model, state.tokenizer, task_rows(task, inputs), task_cfg, state.meta)
+            try:
+                return predict(state.model, state.tokenizer, task_rows(task, inputs), task_cfg, state.meta)
+            finally:  # this pool thread's OpenMP team would slow the batcher's (device.release_cpu_threads)
+                release_cpu_threads()
 
     try:
         results = await run_in_threadpool(call)

@@ -43,9 +43,7 @@ class GenRequest:
 
 
 class Batcher:
-    FEW_ROWS = 4  # at most this many running rows: a step leaves one core to the server (see _run)
-
-    def __init__(self, decoder, eos_ids, max_batch: int = 16, wait_ms: float = 5.0, lock=None, max_len: int = 2048):
+    def __init__(self, decoder, eos_ids, max_batch: int = 16, wait_ms: float = 0.0, lock=None, max_len: int = 2048):
         from lmtune.generation.slots import slots
 
         self.decoder, self.eos = decoder, set(eos_ids)
@@ -57,10 +55,12 @@ class Batcher:
         self.active: list[GenRequest] = []  # the running rows, row i in slot i
         self.stats = {"running": 0, "batches": 0, "joined": 0, "cancelled": 0, "generated_tokens": 0,
                       "largest_batch": 0, "free_slots": max_batch}
-        import torch
+        # From here on the worker thread runs the model: the caller's own OpenMP team (it loaded the model
+        # and measured the kernels) would otherwise keep the runtime over its thread count, which halves
+        # the decoder's speed (lmtune.device.release_cpu_threads)
+        from lmtune.device import release_cpu_threads
 
-        self.threads = torch.get_num_threads()
-        self.few_threads = max(1, self.threads - 1)
+        release_cpu_threads()
         self.thread = threading.Thread(target=self._run, name="lmtune-batcher", daemon=True)
         self.thread.start()
 
@@ -98,19 +98,9 @@ class Batcher:
                 continue
             self.stats["batches"] += idle
             self.stats["joined"] += 0 if idle else len(new)
-            # A step of a few rows is bound by reading the weights, which one thread does nearly as fast as
-            # all of them; the other cores then serve HTTP and the clients instead of stalling the decoder's
-            # OpenMP barrier (measured at 1 client on 2 cores: 97 tok/s with 1 thread, 71 with 2). A step
-            # of many rows, or one that prefills a joining prompt, is bound by arithmetic and takes every thread
-            # (16 clients: 305 with 2, 226 with 1).
-            few = not new and len(self.active) <= self.FEW_ROWS
             try:
                 with self.lock, torch.inference_mode():
-                    torch.set_num_threads(self.few_threads if few else self.threads)
-                    try:
-                        logits = self._step(logits, new)
-                    finally:  # the task routes share the model (and this lock): they get every thread
-                        torch.set_num_threads(self.threads)
+                    logits = self._step(logits, new)
             except Exception as e:  # a failed step must not take the server down: its requests end in error
                 for r in self.active + new:
                     if not r.done:
