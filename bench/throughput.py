@@ -11,7 +11,8 @@
     one epoch (steps x 8 records) so every contender trains on the same rows. Contenders: lmtune's
     optimisation ladder (baseline: random padded batches and full logits; + length grouping; + chunked
     loss; + element-wise recompute; + glibc mmap threshold 8 MB = lmtune's defaults; + checkpointing 40%
-    of the layers = "lmtune"; + full activation checkpointing; packing instead of grouping; + compile), TRL
+    of the layers = "lmtune"; + full activation checkpointing; packing instead of grouping; "lmtune" +
+    --compile, which compiles each decoder layer on its own = "lmtune compile"), TRL
     SFTTrainer (its defaults; padding_free=True; packing=True) and the HF Trainer + peft.
 (b) pretraining a ~10M-parameter Llama-style model from scratch on tinyshakespeare (lmtune's BPE
     tokenizer, 256-token blocks, batch 16): lmtune (eager, eager without element-wise recompute, and
@@ -27,7 +28,9 @@ Reported: target (loss-bearing) tokens/s and all non-padding tokens/s over steps
 up and compiles), peak memory (resident set on a CPU, allocated GPU memory on a GPU), the loss at the last step, for (a) the loss per target token on 16 held-out
 records after training (the same records and loss function for every contender: "the same loss after
 the same steps"), and lmtune's ratios. MFU = 6 x parameters x tokens/s over the best matrix-multiply
-rate of this machine at the precision used, measured before and after the runs. --bf16 runs everyone in
+rate of this machine at the precision used, measured before and after the runs (6 x parameters is a full
+training step's arithmetic; a LoRA step does about 4 x, plus what checkpointing runs again, so for (a) MFU
+is a like-for-like yardstick between contenders rather than the share of the machine's rate used). --bf16 runs everyone in
 bf16 (autocast), otherwise everyone is fp32. A contender whose package is missing is reported as failed
 (`make bench-setup` installs TRL and its friends).
 """
@@ -137,7 +140,7 @@ LADDER = {
     "lmtune": dict(group=True, chunked=True, ckpt=True, share=0.4),  # + checkpointing 40% of the layers
     "+ full ckpt": dict(group=True, chunked=True, ckpt=True),   # every layer checkpointed
     "lmtune packed": dict(pack=True, chunked=True, ckpt=True),     # packing instead of grouping
-    "lmtune compile": dict(pack=True, chunked=True, ckpt=True, compile=True),
+    "lmtune compile": dict(group=True, chunked=True, ckpt=True, share=0.4, compile=True),  # "lmtune" + --compile
 }
 
 
@@ -177,7 +180,8 @@ def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompu
                          max_steps=args.steps, learning_rate=2e-4, schedule="constant", warmup_steps=0,
                          pack=pack, bf16=args.bf16, save_every=10_000, grad_clip=1.0, group_by_length=group,
                          activation_checkpointing=ckpt, checkpoint_share=share, recompute_elementwise=recompute,
-                         compile=compile, mmap_threshold_mb=mmap)
+                         compile=compile, mmap_threshold_mb=mmap,
+                         retain_data="none")  # the peers score no retention set (nor does any contender validate)
     finetune(cfg)
     peak = peak_rss_mb()  # before the held-out evaluation loads a second copy
     rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -186,7 +190,7 @@ def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompu
     return {"target_tokens_per_s": sum(r["target_tokens"] for r in rows[1:]) / dt,
             "tokens_per_s": sum(r["tokens"] for r in rows[1:]) / dt,
             "peak_rss_mb": peak, "loss": rows[-1]["loss"], "held_out": held_out_loss(model, tok, args),
-            "steps": len(rows),
+            "steps": len(rows), "params": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n),
             "settings": f"bf16={args.bf16} ckpt={share if ckpt else False} pack={pack} group={group} "
                         f"chunked={chunked} recompute={recompute and not (ckpt and share >= 1) and not compile} "
                         f"compile={compile} mmap={mmap}"}
@@ -230,6 +234,7 @@ def run_trl_a(args, variant: str) -> dict:
     trainer.train()
     out = meter.summary(losses)
     out["held_out"] = held_out_loss(trainer.model, tok, args)
+    out["params"] = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" not in n)
     out["settings"] = f"bf16={cfg.bf16} gradient_checkpointing={cfg.gradient_checkpointing} {extra or 'defaults'} ({path})"
     return out
 

@@ -55,8 +55,8 @@ class TrainConfig:
                                         "returned to the system when freed, so freed activations leave no heap holes "
                                         "(about 10-15%% lower peak RSS for 1-3%% speed); 0 keeps glibc's default.",
                                    min=0.0, max=32.0)
-    compile: bool = opt(False, "torch.compile the model and loss (pays on long runs of same-shape batches; "
-                                "the first step compiles, about a minute on a CPU).")
+    compile: bool = opt(False, "torch.compile each layer of the model (regional: one compile serves every layer "
+                                "and batch length; the first step compiles, about half a minute on a CPU).")
     group_by_length: bool = opt(True, "Without --pack: batch rows of similar length together (less padding).")
     max_nonfinite_steps: int = opt(5, "Stop after this many updates in a row with a NaN/inf loss (each is skipped).",
                                    min=1)

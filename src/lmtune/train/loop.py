@@ -216,7 +216,11 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
     device = next(model.parameters()).device
     if matmul_attention_pays(cfg, examples, device) and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # for this run only: the saved config does not keep it
-    engine = distributed.wrap(model, w, torch.compile(loss_fn) if cfg.compile else loss_fn)
+    if cfg.compile:  # each block compiled on its own, sharing one compiled graph (train.regional)
+        from lmtune.train.regional import compile_blocks
+
+        compile_blocks(model)
+    engine = distributed.wrap(model, w, loss_fn)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     scheduler = build_scheduler(optimizer, cfg, (lambda: plan.total) if plan else steps)
     autocast = torch.autocast("cuda" if next(model.parameters()).is_cuda else "cpu", dtype=torch.bfloat16) \
