@@ -93,26 +93,25 @@ def test_chat_bad_model_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: model") and r.stderr.count("\n") == 1
 
 
-def test_reply_decodes_without_the_callers_openmp_team(tiny):
+def test_reply_decodes_without_the_callers_openmp_team(tiny, monkeypatch):
     """The reply decodes on a worker thread; the thread that loaded the model gives back its OpenMP team first
     (with two teams the runtime stops spinning at its barriers: the reply ran at 64 instead of 142 tok/s,
-    SmolLM2 on 2 cores). After a reply the loading thread's team is gone."""
-    code = f"""
-import io, os, torch
-from lmtune import models
-from lmtune.chat import reply
-from lmtune.config import ChatConfig
-from lmtune.generation.decoder import Decoder
-torch.set_num_threads(2)
-model, tok = models.load_causal_lm({str(tiny)!r})
-dec = Decoder(model)
-x = torch.randn(4_000_000)
-(x * 2).sum()  # this thread now has a team
-team = len(os.listdir('/proc/self/task'))
-reply(dec, tok, tok('hello')['input_ids'], ChatConfig(model='x', max_new_tokens=4), io.StringIO(), 0, [])
-print(team, len(os.listdir('/proc/self/task')))
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    team, after = map(int, r.stdout.split()[-2:])
-    assert after < team, r.stdout  # the team's worker went (the reply's own thread and team end with it)
+    SmolLM2 on 2 cores). That the release frees the team is tested in test_serve; here, that the reply
+    releases the caller's team before its worker starts decoding."""
+    import io
+    import threading
+
+    from lmtune import chat, device
+    from lmtune.config import ChatConfig
+    from lmtune.generation.decoder import Decoder
+
+    model, tok = load(str(tiny))
+    dec, events = Decoder(model), []
+    monkeypatch.setattr(device, "release_cpu_threads", lambda: events.append(("release", threading.current_thread())))
+    generate = dec.generate
+    monkeypatch.setattr(dec, "generate", lambda *a, **k: events.append(("decode", threading.current_thread()))
+                        or generate(*a, **k))
+    chat.reply(dec, tok, tok("hello")["input_ids"], ChatConfig(model="x", max_new_tokens=4), io.StringIO(), 0, [])
+    (what1, thread1), (what2, thread2) = events
+    assert (what1, what2) == ("release", "decode")
+    assert thread1 is threading.current_thread() and thread2 is not thread1
