@@ -218,7 +218,9 @@ def main() -> None:
             continue
         url = f"http://127.0.0.1:{port}"
         try:
-            run_level(url, name, 1, 1, 4, count)  # warm-up: first-call costs are not throughput
+            # warm-up: first-call costs are not throughput (a request as long as the measured ones, so that a
+            # server's cache has grown to their length before the first measured one)
+            run_level(url, name, 1, 1, max_tokens, count)
             for c in levels:
                 r = results[server, c] = run_level(url, name, c, rounds, max_tokens, count)
                 print(f"{server:<13} {c:>7} {r['requests']:>5} {len(r['errors']):>4} {r['tok_s']:>7.1f} "
