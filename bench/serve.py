@@ -175,7 +175,7 @@ def generate_rate(folder: str, max_tokens: int, threads: int, rounds: int, count
         out = dec.generate([ids], n, eos_ids=eos, pad_id=tok.pad_token_id)[0].tolist()
         return count(tok.decode([t for t in out if t not in eos], skip_special_tokens=True))
 
-    one(PROMPTS[0], 4)  # warm-up, as each server gets
+    one(PROMPTS[0], max_tokens)  # warm-up, as each server gets
     t0, made = time.perf_counter(), 0
     for r in range(rounds):
         made += one(PROMPTS[r % len(PROMPTS)], max_tokens)

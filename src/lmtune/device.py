@@ -123,17 +123,32 @@ def release_cpu_threads() -> None:
     paid that at every one of the ~200 barriers of a token: SmolLM2 on 2 cores decoded at 63 tok/s on the
     server's thread instead of 142. So a thread that hands the model to another calls this. No OpenMP
     runtime found (another platform, or a build without OpenMP): nothing to do."""
+    global _PAUSE
+    if not _PAUSE:  # found once (a server's task route calls this after every request): loaded libraries stay
+        _PAUSE = _omp_pause_functions()
+    for pause in _PAUSE:
+        pause(1)  # omp_pause_soft: the threads go, the runtime's settings stay
+
+
+_PAUSE: tuple = ()
+
+
+def _omp_pause_functions() -> tuple:
+    """`omp_pause_resource_all` of each OpenMP runtime loaded in this process (none yet: looked for again
+    at the next call)."""
     import ctypes
 
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
     except OSError:
-        return
+        return ()
+    found = []
     for path in sorted(paths):
         try:
             pause = ctypes.CDLL(path).omp_pause_resource_all
         except (OSError, AttributeError):
             continue
         pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
-        pause(1)  # omp_pause_soft: the threads go, the runtime's settings stay
+        found.append(pause)
+    return tuple(found)
