@@ -167,8 +167,11 @@ def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompu
     from lmtune import models
     from lmtune.config import FinetuneConfig
     from lmtune.finetune import finetune
-    from lmtune.train import loss
+    from lmtune.train import choice, loss
 
+    # a real run (at least choice.MIN_STEPS steps) times its step's kernels on its first batch once per machine
+    # and shape; this bench's few steps would not, so it asks for that here (before step 1: not timed)
+    choice.MIN_STEPS = 0
     if not chunked:  # the baseline: logits of every position at once, as the peers compute them
         loss.SMALL_LOGITS = float("inf")
     tmp = Path(tempfile.mkdtemp())
@@ -193,7 +196,7 @@ def run_lmtune_a(args, pack=False, ckpt=False, group=True, chunked=True, recompu
             "steps": len(rows), "params": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n),
             "settings": f"bf16={args.bf16} ckpt={share if ckpt else False} pack={pack} group={group} "
                         f"chunked={chunked} recompute={recompute and not (ckpt and share >= 1) and not compile} "
-                        f"compile={compile} mmap={mmap}"}
+                        f"compile={compile} mmap={mmap}", "kernels": choice.LAST[0]}
 
 
 def _timing_callback(meter, losses):
@@ -288,7 +291,9 @@ def _shakespeare_blocks(block: int):
 def run_lmtune_b(args, compile: bool = False, recompute: bool = True) -> dict:
     from lmtune.config import PretrainConfig
     from lmtune.pretrain import pretrain
+    from lmtune.train import choice
 
+    choice.MIN_STEPS = 0  # as in run_lmtune_a
     out = Path(tempfile.mkdtemp()) / "run"
     pretrain(PretrainConfig(data=str(DATA / "tinyshakespeare" / "input.txt"), out=str(out), model_size="10m",
                             max_length=256, batch_size=16, max_steps=args.steps, val_split=0.0, bf16=args.bf16,
@@ -298,7 +303,8 @@ def run_lmtune_b(args, compile: bool = False, recompute: bool = True) -> dict:
     dt = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
     tps = sum(r["target_tokens"] for r in rows[1:]) / dt
     return {"target_tokens_per_s": tps, "tokens_per_s": tps, "peak_rss_mb": peak_rss_mb(), "loss": rows[-1]["loss"],
-            "steps": len(rows), "params": json.loads((out / "run.json").read_text())["parameters"]}
+            "steps": len(rows), "params": json.loads((out / "run.json").read_text())["parameters"],
+            "settings": f"bf16={args.bf16} compile={compile} recompute={recompute}", "kernels": choice.LAST[0]}
 
 
 def run_hf_b(args) -> dict:
@@ -525,6 +531,9 @@ def _table(w: str, results: dict, flops: float) -> None:
         mfu = f"  MFU {100 * 6 * r['params'] * r['tokens_per_s'] / (flops * 1e9):.0f}%" if "params" in r else ""
         print(f"{name:<20} {r['target_tokens_per_s']:>12.1f} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} "
               f"{r['loss']:>10.4f} {r.get('held_out', float('nan')):>9.4f}  {r.get('settings', '')}{mfu}")
+    for name, r in results.items():  # what train.choice took, and the times it compared
+        if r.get("kernels"):
+            print(f"  {name}: {r['kernels']}")
     peers = [n for n in results if not n.startswith(("lmtune", "+"))]
     for o in ("+ mmap threshold", "lmtune", "lmtune packed", "lmtune compile", "lmtune dpo", "lmtune dpo ckpt"):
         for n in peers if o in results else []:

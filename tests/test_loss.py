@@ -164,20 +164,9 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
     assert [r["in_a_row"] for r in rows if r.get("skipped_nonfinite")] == [1, 2, 3]
 
 
-def test_matmul_attention_only_where_it_pays_and_gives_the_same_loss():
-    """bf16 + compile on a CPU with short unpacked rows switches to HF's eager (matmul) attention, nothing
-    else does; and eager attention gives SDPA's loss and gradients under bf16 autocast."""
-    from types import SimpleNamespace as NS
-
-    from lmtune.train.loop import matmul_attention_pays
-
-    cpu, rows, packed = torch.device("cpu"), _examples(), [{"input_ids": [1] * 8, "position_ids": list(range(8))}]
-    assert matmul_attention_pays(NS(compile=True, bf16=True), rows, cpu)
-    assert not matmul_attention_pays(NS(compile=False, bf16=True), rows, cpu)
-    assert not matmul_attention_pays(NS(compile=True, bf16=False), rows, cpu)
-    assert not matmul_attention_pays(NS(compile=True, bf16=True), packed, cpu)
-    assert not matmul_attention_pays(NS(compile=True, bf16=True), [{"input_ids": [1] * 513}], cpu)
-    assert not matmul_attention_pays(NS(compile=True, bf16=True), rows, torch.device("meta"))
+def test_matmul_attention_gives_sdpas_loss_and_gradients_under_bf16():
+    """HF's eager (matmul) attention, one of train.choice's candidates, gives SDPA's loss and gradients under
+    bf16 autocast (in fp32: tests/test_choice.py)."""
     batch, results = collate(_examples(), pad_id=0), []
     for impl in ("sdpa", "eager"):
         model = _model()

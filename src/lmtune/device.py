@@ -65,7 +65,7 @@ def peak_memory_mb(device=None) -> float:
     import torch
 
     if device is not None and device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return max(_PEAK_FLOOR.get("cuda", 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
     if device is not None and device.type == "mps":
         return torch.mps.driver_allocated_memory() / 2**20
     return host_peak_rss_mb()
@@ -73,17 +73,51 @@ def peak_memory_mb(device=None) -> float:
 
 def host_peak_rss_mb() -> float:
     # VmHWM, not ru_maxrss: a process started by fork+exec inherits its parent's ru_maxrss (a test
-    # runner's), while VmHWM is this process's own peak
+    # runner's), while VmHWM is this process's own peak (since the last `restart_peak`: the floor keeps
+    # what came before)
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                    return max(_PEAK_FLOOR.get("cpu", 0.0), int(line.split()[1]) / 1024)
     except OSError:
         pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+_PEAK_FLOOR: dict = {}  # {"cpu" or "cuda": the peak before the last restart_peak, MB}
+
+
+def restart_peak(device) -> bool:
+    """Start measuring a new peak (what one piece of work takes); returns False where that cannot be done
+    (no /proc): False. The process's own peak, `peak_memory_mb`, still counts what came before: its value so far
+    is kept as a floor."""
+    import torch
+
+    if device.type == "cuda":
+        _PEAK_FLOOR["cuda"] = peak_memory_mb(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    before = host_peak_rss_mb()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux)
+    except OSError:
+        return False
+    _PEAK_FLOOR["cpu"] = before
+    return True
+
+
+def new_peak_mb(device) -> float:
+    """The peak since `restart_peak` (GPU memory allocated on CUDA, the resident set on a CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def synchronize(device) -> None:

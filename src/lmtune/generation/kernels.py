@@ -20,14 +20,11 @@ rows (a prefill) take the dense matmul.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
-from lmtune.errors import LmtuneError
-
-NAMES = ("dense", "blocks", "int8")
+from lmtune.costs.machine import DECODE_KERNELS as NAMES
 BUCKETS = (1, 4, 8, 16)  # rows measured; a bucket holds the row counts above the previous one, up to its own
 REPS = 3                 # sweeps per candidate and bucket, alternating candidates; the fastest counts
 
@@ -44,11 +41,10 @@ def takes(kernel: tuple, rows: int) -> bool:
 
 
 def forced() -> str | None:
-    """The kernel LMTUNE_KERNELS names, None when unset."""
-    value = os.environ.get("LMTUNE_KERNELS", "").strip()
-    if value and value not in NAMES:
-        raise LmtuneError(f"LMTUNE_KERNELS={value!r} is not a kernel: use one of {', '.join(NAMES)} (unset: measured)")
-    return value or None
+    """The decode kernel LMTUNE_KERNELS names (it may also name training's, lmtune.train.choice), None when unset."""
+    from lmtune.costs.machine import forced_kernels
+
+    return next((n for n in forced_kernels() if n in NAMES), None)
 
 
 def choose(family: str, candidates: tuple[str, ...], mats: list, shape, run, nbytes=None):

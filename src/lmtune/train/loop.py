@@ -30,6 +30,7 @@ from lmtune.errors import LmtuneError
 from lmtune.track import MetricsLog
 from lmtune.train import distributed
 from lmtune.train.checkpoint import list_checkpoints, resume_latest, save_checkpoint
+from lmtune.train.choice import choose as choose_kernels
 from lmtune.train.optim import build_optimizer, build_scheduler
 
 
@@ -102,18 +103,6 @@ def example_lengths(examples, cfg) -> tuple[int, ...] | None:
     return None if min(lengths) == max(lengths) else lengths
 
 
-def matmul_attention_pays(cfg, examples: list[dict], device) -> bool:
-    """Under --bf16 and --compile on a CPU, for unpacked rows of at most 512 tokens, attention as plain
-    matmuls + softmax (HF's "eager" attention, which inductor fuses) beats SDPA's CPU flash kernel, whose
-    bf16 backward is slow at these lengths: the 10M pretraining benchmark (256 tokens) ran 9-14% faster,
-    with the same loss. fp32 compiled was 4% slower, so it stays on SDPA. The scores cost S^2 memory a
-    head, hence the length limit; packed rows keep SDPA and its position-id masks."""
-    if not (cfg.compile and cfg.bf16 and device.type == "cpu" and len(examples)) or "position_ids" in examples[0]:
-        return False
-    longest = examples.longest if hasattr(examples, "longest") else max(len(e.get("input_ids", ())) for e in examples)
-    return longest <= 512
-
-
 def total_steps(cfg, n_examples: int) -> int:
     if cfg.max_steps:
         return cfg.max_steps
@@ -132,6 +121,13 @@ def mean_loss(model, examples, collate: Callable, loss_fn: Callable, batch_size:
         total, count = total + float(s), count + n
     model.train(was_training)
     return total / max(count, 1)
+
+
+def _step_loss(model, loss_fn, autocast, batch) -> torch.Tensor:
+    """One micro-batch's loss per target, in the run's precision (what train.choice times)."""
+    with autocast:
+        s, n = loss_fn(model, batch)
+    return s / max(int(n), 1)
 
 
 def peak_memory_mb(dev=None) -> float:
@@ -214,17 +210,20 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
     # DDP needs the forward to run through its wrapper: the wrapper's forward is the task's loss
     model = distributed.place(model, resolve_device(getattr(cfg, "device", "auto")))
     device = next(model.parameters()).device
-    if matmul_attention_pays(cfg, examples, device) and hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")  # for this run only: the saved config does not keep it
-    if cfg.compile:  # each block compiled on its own, sharing one compiled graph (train.regional)
-        from lmtune.train.regional import compile_blocks
-
-        compile_blocks(model)
+    lengths = example_lengths(examples, cfg)
+    autocast = torch.autocast("cuda" if next(model.parameters()).is_cuda else "cpu", dtype=torch.bfloat16) \
+        if cfg.bf16 else nullcontext()
+    # the fastest exact way to run a step here (SDPA or matmul attention; with --compile, compiled blocks or
+    # not): measured on the run's first batch once per machine and shape, or as cached (train.choice)
+    if len(examples):
+        chosen = choose_kernels(model, functools.partial(_step_loss, model, loss_fn, autocast),
+                                to_device(collate(_rows(examples, rank_batch(len(examples), cfg, 0, w, lengths))), device),
+                                cfg, steps, device, single_process=w.size == 1)
+        if chosen and w.is_main:
+            print(chosen, file=sys.stderr)
     engine = distributed.wrap(model, w, loss_fn)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     scheduler = build_scheduler(optimizer, cfg, (lambda: plan.total) if plan else steps)
-    autocast = torch.autocast("cuda" if next(model.parameters()).is_cuda else "cpu", dtype=torch.bfloat16) \
-        if cfg.bf16 else nullcontext()
 
     first = None
     if evaluate and evaluate_first and plan and plan.first is not None:
@@ -251,7 +250,6 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
     last: dict = {}
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 10, disable=not w.is_main)
-    lengths = example_lengths(examples, cfg)
     t_start, tokens_seen, bad_in_a_row = time.perf_counter(), 0, 0
     best, evals_since_best = None, 0  # not restored on --resume: the first validation sets it again
     resume_with = f"{resume_command or 'the same command'} --resume"

@@ -45,6 +45,8 @@ def compile_blocks(model: torch.nn.Module) -> int:
     stack = blocks(model)
     if stack is None:
         return 0
+    if "forward" in vars(stack[0]):
+        return len(stack)
     torch._dynamo.config.suppress_errors = True  # a frame that fails to compile runs eagerly
     eager = type(stack[0]).forward
     compiled = torch.compile(eager, dynamic=True)
@@ -53,5 +55,13 @@ def compile_blocks(model: torch.nn.Module) -> int:
         return (compiled if torch.is_grad_enabled() else eager)(self, *args, **kwargs)
 
     for block in stack:
-        block.forward = types.MethodType(forward, block)
+        if "forward" not in vars(block):  # compiled once: a second call (train.choice) keeps that
+            block.forward = types.MethodType(forward, block)
     return len(stack)
+
+
+def uncompile_blocks(model: torch.nn.Module) -> None:
+    """Undo `compile_blocks`: every block runs its class's own forward again (nothing to do if none was compiled)."""
+    stack = blocks(model)
+    for block in stack if stack is not None else ():
+        vars(block).pop("forward", None)
