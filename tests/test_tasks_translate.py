@@ -92,3 +92,59 @@ def test_missing_source_column_lists_the_columns(models, tmp_path, capsys):
     assert run_cli(["evaluate", "--model", models[1], "--task", "translate", "--data", data]) == 2
     err = capsys.readouterr().err
     assert "no column 'source'" in err and "en, de" in err and "--source-column" in err
+
+
+def _multi30k(tmp_path, n: int, split: str = "train") -> str:
+    """The first n pairs of a Multi30k split (../shared/data), as two line-aligned files."""
+    from _tiny_models import SHARED
+
+    out = []
+    for lang in ("en", "de"):
+        with gzip.open(SHARED / "multi30k" / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
+            lines = [next(f) for _ in range(n)]
+        p = tmp_path / f"{split}{n}.{lang}"
+        p.write_text("".join(lines), encoding="utf-8")
+        out.append(str(p))
+    return ",".join(out)
+
+
+def test_a_model_from_scratch_learns_the_pairs_and_reads_back_as_any_decoder(tmp_path, capsys):
+    """--model scratch:1m: a tokenizer trained on both languages (German words come out whole, umlauts
+    included), the plain layout saved as the chat template, the loss falling well below the untrained
+    model's, and evaluate/predict on the saved folder without any language flags."""
+    from transformers import AutoTokenizer
+
+    data, val = _multi30k(tmp_path, 600), _multi30k(tmp_path, 40, "val")
+    out = tmp_path / "scratch"
+    assert run_cli(["finetune", "--task", "translate", "--model", "scratch:1m", "--data", data, "--eval-data", val,
+                    "--out", out, "--max-steps", 60, "--batch-size", 16, "--learning-rate", 3e-3,
+                    "--max-new-tokens", 24, "--eval-every", 60]) == 0
+    meta = json.loads((out / "lmtune.json").read_text())
+    assert (meta["layout"], meta["scratch"], meta["source_lang"], meta["target_lang"]) == ("plain", "1m", "English", "German")
+    tok = AutoTokenizer.from_pretrained(out)
+    assert 1000 < len(tok) <= 8000 and len(tok("Männer", add_special_tokens=False)["input_ids"]) <= 2
+    assert tok.apply_chat_template([{"role": "user", "content": "A dog."}, {"role": "assistant", "content": "Ein Hund."}],
+                                   tokenize=False) == "A dog.\nEin Hund.<|endoftext|>"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.6 * losses[0], losses  # ln(8000) = 9.0 untrained
+    assert any("val_bleu" in r for r in rows)
+    capsys.readouterr()
+    assert run_cli(["evaluate", "--model", out, "--task", "translate", "--data", val, "--max-new-tokens", 24,
+                    "--json"]) == 0
+    assert {"bleu", "chrf"} <= set(json.loads(capsys.readouterr().out))
+    pred = tmp_path / "p.jsonl"
+    assert run_cli(["predict", "--model", out, "--task", "translate", "--data", val, "--out", pred]) == 0
+    got = [json.loads(line)["translation"] for line in pred.read_text().splitlines()]
+    assert len(got) == 40 and sum(bool(t) for t in got) >= 30
+
+
+@pytest.mark.parametrize("model, extra, message", [
+    ("scratch:5m", [], "no size '5m'; use scratch:1m|10m|30m"),
+    ("scratch:1m", ["--lora"], "trains a new model in full: drop --lora"),
+])
+def test_scratch_models_refused_in_one_line(tmp_path, capsys, model, extra, message, parallel):
+    assert run_cli(["finetune", "--task", "translate", "--model", model, "--data", f"{parallel[0]},{parallel[1]}",
+                    "--out", tmp_path / "o", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "o").exists()

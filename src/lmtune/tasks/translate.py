@@ -5,6 +5,13 @@ line-aligned text files given as `--data SRC_FILE,TGT_FILE` (plain or .gz, one s
 A decoder is asked "Translate this English sentence into German: ..." (languages from --source-lang/
 --target-lang, else from file names such as train.en.gz, else from the model's lmtune.json) and learns
 the answer only; a seq2seq model reads the source and learns the target. Metrics: sacrebleu BLEU, chrF.
+
+`--model scratch:SIZE` (a size preset: 1m, 10m, 30m) trains a new decoder on the task's own pairs: a byte-level
+BPE of SCRATCH_VOCAB tokens trained on both sides of the training pairs, a Llama-style model of that size,
+and a plain layout instead of a chat prompt ("source\ntarget<|endoftext|>", the loss on the target), saved
+with its tokenizer and that layout as a chat template, so evaluate, predict and generate read it as they
+read any decoder. A small model that sees only the task's pairs can out-translate a pretrained English model
+fine-tuned for the same minutes (tests/test_translate.py; README: quality per CPU-minute).
 """
 
 from __future__ import annotations
@@ -58,21 +65,53 @@ def languages(cfg, meta: dict) -> tuple[str, str]:
     return src, tgt
 
 
-def prompt(source: str, src_lang: str, tgt_lang: str) -> str:
+SCRATCH_VOCAB = 8000  # joint BPE for a corpus of Multi30k's size (29k pairs)
+# the plain layout: the source, a newline, the target and end of text; the loss falls on the target's part
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}<|endoftext|>"
+                  "{% else %}{{ '\\n' }}{% endif %}{% endfor %}")  # a newline block-trimming keeps
+
+
+def prompt(source: str, src_lang: str, tgt_lang: str, layout: str = "chat") -> str:
+    if layout == "plain":
+        return source.replace("\n", " ")
     return f"Translate this {src_lang} sentence into {tgt_lang}. Answer with the translation only.\n\n{source}"
+
+
+def scratch(name: str, cfg, train_rows: list[dict] | None):
+    """A new decoder of the size `name` names ("scratch:10m") with a tokenizer trained on both sides of the pairs."""
+    from lmtune import models
+    from lmtune.data.tokenizer import train_tokenizer
+
+    size = name.split(":", 1)[1]
+    if size not in models.PRESETS:
+        raise LmtuneError(f"--model {name}: no size {size!r}; use scratch:{'|'.join(models.PRESETS)}")
+    if cfg.lora:
+        raise LmtuneError(f"--model {name} trains a new model in full: drop --lora")
+    if not train_rows:
+        raise LmtuneError(f"--model {name} is trained from the task's own pairs: give them with --data")
+    tok = train_tokenizer("".join(f"{r['source']}\n{r['target']}\n" for r in train_rows), "bpe", SCRATCH_VOCAB)
+    tok.chat_template = PLAIN_TEMPLATE
+    src, tgt = languages(cfg, {})
+    model = models.build_from_preset(size, tok, cfg.max_length)
+    return model, tok, {"task": "translate", "head": "causal", "kind": "decoder", "layout": "plain",
+                        "scratch": size, "source_lang": src, "target_lang": tgt}
 
 
 def load(name: str, cfg, train_rows: list[dict] | None = None):
     from lmtune import models
 
+    if name.startswith("scratch:"):
+        return scratch(name, cfg, train_rows)
     path = models.resolve(name)
     kind = models.model_kind(path)
     if kind == "encoder":
         raise LmtuneError(f"model {name} is an encoder: translation needs a decoder (causal LM) or an "
                           "encoder-decoder (seq2seq) model")
-    meta = {"task": "translate", "head": "seq2seq" if kind == "seq2seq" else "causal", "kind": kind}
-    src, tgt = languages(cfg, models.read_lmtune_file(path))
-    if kind == "decoder" and not (src and tgt):
+    saved = models.read_lmtune_file(path)
+    meta = {"task": "translate", "head": "seq2seq" if kind == "seq2seq" else "causal", "kind": kind,
+            "layout": saved.get("layout", "chat")}
+    src, tgt = languages(cfg, saved)
+    if kind == "decoder" and meta["layout"] == "chat" and not (src and tgt):
         raise LmtuneError("translate with a decoder model needs the language names for its prompt: "
                           "give --source-lang and --target-lang (e.g. English, German)")
     meta.update(source_lang=src, target_lang=tgt)
@@ -86,7 +125,8 @@ def check(rows, meta, path, cfg) -> None:
 
 def encode(rows: list[dict], tokenizer, cfg, meta: dict, path: str) -> list[dict]:
     if meta["kind"] == "decoder":
-        pairs = [(prompt(r["source"], meta["source_lang"], meta["target_lang"]), r["target"]) for r in rows]
+        pairs = [(prompt(r["source"], meta["source_lang"], meta["target_lang"], meta.get("layout", "chat")),
+                  r["target"]) for r in rows]
         return chat_examples(pairs, tokenizer, cfg.max_length, path)
     enc = tokenizer([r["source"] for r in rows], text_target=[r["target"] for r in rows], truncation=True,
                     max_length=cfg.max_length)
@@ -127,7 +167,8 @@ def predict(model, tokenizer, rows: list[dict], cfg, meta: dict) -> list[dict]:
     import torch
 
     if meta["kind"] == "decoder":
-        prompts = [prompt(r["source"], meta["source_lang"], meta["target_lang"]) for r in rows]
+        prompts = [prompt(r["source"], meta["source_lang"], meta["target_lang"], meta.get("layout", "chat"))
+                   for r in rows]
         return [{"translation": t} for t in generate_answers(model, tokenizer, prompts, cfg.max_new_tokens,
                                                               cfg.batch_size)]
     out = []

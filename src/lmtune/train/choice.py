@@ -55,14 +55,22 @@ def _available_bytes(device) -> int:
     return 0
 
 
+def _shape(batch: dict) -> tuple[int, int]:
+    """(rows, length) of a batch: its input_ids, or its first token matrix (a preference batch's)."""
+    ids = batch.get("input_ids")
+    if ids is None:
+        ids = next(v for v in batch.values() if torch.is_tensor(v) and v.dim() == 2)
+    return tuple(ids.shape)
+
+
 def _matmul_fits(model, batch: dict, cfg, device) -> bool:
     """Whether matmul attention's score matrices (fp32 scores and probabilities, and a copy in the compute
     dtype, for every layer that keeps its activations) take at most a quarter of the memory available."""
     config = getattr(model, "config", None)
     heads, layers = getattr(config, "num_attention_heads", 0), getattr(config, "num_hidden_layers", 0)
-    if not heads or not layers or "input_ids" not in batch:
+    if not heads or not layers:
         return False
-    rows, length = batch["input_ids"].shape
+    rows, length = _shape(batch)
     share = cfg.checkpoint_share if getattr(cfg, "activation_checkpointing", False) else 0.0
     kept = max(1, layers - int(layers * share + 1e-9))
     return rows * heads * length * length * 10 * kept <= _available_bytes(device) / 4
@@ -176,7 +184,7 @@ def choose(model, step_loss, batch: dict, cfg, steps: int, device, single_proces
     n_all = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     share = cfg.checkpoint_share if getattr(cfg, "activation_checkpointing", False) else 0.0
-    rows, length = batch["input_ids"].shape
+    rows, length = _shape(batch)
     bucket = 2 ** math.ceil(math.log2(max(length, 1)))  # nearby lengths share a choice
     key = (f"train step {type(base).__name__} {n_all}/{n_trained} params rows {rows}x<={bucket} "
            f"{'bf16' if cfg.bf16 else 'fp32'} ckpt {share:g} {device.type}{' compile' if True in compiled else ''}")
