@@ -215,9 +215,11 @@ def fit(model, examples, cfg, out: Path, *, collate: Callable, loss_fn: Callable
         if cfg.bf16 else nullcontext()
     # the fastest exact way to run a step here (SDPA or matmul attention; with --compile, compiled blocks or
     # not): measured on the run's first batch once per machine and shape, or as cached (train.choice)
-    if len(examples):
+    if len(examples):  # the run's first micro-batch (this rank's share; all of it when the share is empty)
+        first_rows = rank_batch(len(examples), cfg, 0, w, lengths) or micro_batch(len(examples), cfg.batch_size,
+                                                                                 cfg.seed, 0, lengths)
         chosen = choose_kernels(model, functools.partial(_step_loss, model, loss_fn, autocast),
-                                to_device(collate(_rows(examples, rank_batch(len(examples), cfg, 0, w, lengths))), device),
+                                to_device(collate([examples[i] for i in first_rows]), device),
                                 cfg, steps, device, single_process=w.size == 1)
         if chosen and w.is_main:
             print(chosen, file=sys.stderr)
