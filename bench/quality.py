@@ -2,6 +2,11 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py --minutes 3 --threads 2        # everything
     HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py --only sst2,wikitext2 --minutes 1
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/quality.py --budget 10m,30m --gen-rows 0   # against a peer
+
+With --budget, each budget runs English -> German on Multi30k twice: lmtune's recipe (a scratch:10m model,
+configs/translate/) with finetune's own --budget, and the Hugging Face Trainer with its defaults on the same
+model and encoded pairs, stopped by the clock; both scored on test2016 by lmtune's evaluate (--gen-rows 0: all).
 
 Each fine-tune gets a CPU budget of --minutes of training: a 2-step probe measures the time a step takes
 here, and the run takes as many steps as fit in the budget (model loading and evaluation are extra; the
@@ -116,6 +121,81 @@ def wikitext2(a, work: Path) -> list[tuple]:
              "GPT-2 117M 29.41 (test, word-level)")]
 
 
+def _multi30k_files(work: Path, split: str, rows: int = 0) -> str:
+    """SRC,TGT of a Multi30k split (en, de), cut to the first `rows` pairs when given."""
+    m = DATA / "multi30k"
+    if not rows:
+        return f"{m / f'{split}.en.gz'},{m / f'{split}.de.gz'}"
+    out = []
+    for lang in ("en", "de"):
+        lines = gzip.open(m / f"{split}.{lang}.gz", "rt", encoding="utf-8").read().split("\n")[:rows]
+        (work / f"{split}{rows}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out.append(str(work / f"{split}{rows}.{lang}"))
+    return ",".join(out)
+
+
+# lmtune's translation recipe (configs/translate/multi30k_en_de_scratch10m.yaml, less its --budget)
+SCRATCH_RECIPE = dict(task="translate", model="scratch:10m", batch_size=64, learning_rate=1e-3, warmup_steps=100,
+                      schedule="cosine", bf16=True, max_length=128, max_new_tokens=48, eval_every=400)
+
+
+def multi30k_budget(a, work: Path, budget: str) -> list[tuple]:
+    """English -> German at one wall-clock budget: lmtune's recipe (scratch:10m) against the Hugging Face
+    Trainer with its defaults on the same model (the same tokenizer, layout, weights at the start and
+    encoded pairs), both stopped by the clock, both scored by lmtune's evaluate on test2016."""
+    from lmtune.config import FinetuneConfig
+    from lmtune.finetune import finetune
+    from lmtune.train.budget import parse_duration
+
+    train, val = _multi30k_files(work, "train"), _multi30k_files(work, "val", 300)
+    test = _multi30k_files(work, "test_2016_flickr")
+    out = work / f"m30k-lmtune-{budget}"
+    t0 = time.perf_counter()
+    finetune(FinetuneConfig(data=train, eval_data=val, out=str(out), budget=budget, threads=a.threads, **SCRATCH_RECIPE))
+    ours_s = time.perf_counter() - t0
+    ours = _evaluate(str(out / "best"), "translate", test, limit=a.gen_rows, max_new_tokens=48, batch_size=32)
+    peer_dir, peer_s = _hf_trainer_translate(work, train, parse_duration(budget), a)
+    peer = _evaluate(str(peer_dir), "translate", test, limit=a.gen_rows, max_new_tokens=48, batch_size=32)
+    what = f"Multi30k en-de test2016 BLEU ({ours['rows']}), {budget}"
+    return [(what, "scratch:10m lmtune recipe", ours["bleu"], "from scratch (GPU): about 30-35", ours_s),
+            (what, "scratch:10m HF Trainer", peer["bleu"], "(peer, same budget)", peer_s)]
+
+
+def _hf_trainer_translate(work: Path, train: str, seconds: float, a) -> tuple[Path, float]:
+    """The Trainer's defaults (batch 8, lr 5e-5, linear decay over 3 epochs, fp32) on lmtune's scratch:10m model
+    and encoded pairs, stopped when the budget's time is up (counted from building the tokenizer and model)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from lmtune import models
+    from lmtune.config import FinetuneConfig
+    from lmtune.data.batching import collate
+    from lmtune.tasks import translate
+
+    t0 = time.perf_counter()
+    cfg = FinetuneConfig(data=train, out=str(work / "unused"), **SCRATCH_RECIPE)
+    rows = translate.read(train, cfg)
+    model, tok, meta = translate.scratch(cfg.model, cfg, rows)
+    examples = translate.encode(rows, tok, cfg, meta, train)
+    out = work / "m30k-hf-trainer"
+
+    class Clock(TrainerCallback):  # the budget, less a few seconds to save the model
+        def on_step_end(self, args, state, control, **kw):
+            if time.perf_counter() - t0 > seconds - 10:
+                control.should_training_stop = True
+
+    def coll(batch):
+        b = collate(batch, tok.pad_token_id)
+        b.pop("n_tokens")
+        return b
+
+    args = TrainingArguments(output_dir=str(work / "hf-tmp"), save_strategy="no", report_to=[], use_cpu=True,
+                             logging_steps=100, disable_tqdm=True)  # everything else: the Trainer's defaults
+    Trainer(model=model, args=args, train_dataset=examples, data_collator=coll, callbacks=[Clock()]).train()
+    out.mkdir(parents=True, exist_ok=True)
+    models.save_model(model, tok, out, {**meta, "base_model": cfg.model, "lora": False})
+    return out, time.perf_counter() - t0
+
+
 RUNS = {"sst2": sst2, "multi30k": multi30k, "xquad-ext": xquad_extractive, "xquad-gen": xquad_generative,
         "wikitext2": wikitext2}
 
@@ -127,7 +207,11 @@ def main() -> None:
     p.add_argument("--gen-rows", type=int, default=100, help="rows scored where the model generates")
     p.add_argument("--lm-lines", type=int, default=0, help="WikiText-2 lines for perplexity (0: all 3,760)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--budget", default="", help="comma-separated wall-clock budgets (e.g. 10m,30m): each task "
+                   "that has a peer here (multi30k) runs lmtune's recipe and the HF Trainer on the same budget")
     a = p.parse_args()
+    if a.budget:
+        return by_budget(a)
     if a.threads:
         import torch
 
@@ -144,6 +228,21 @@ def main() -> None:
     for bench, model, value, published, wall in table:
         shown = f"{value:.2f}" if isinstance(value, float) else value
         print(f"{bench:<44} {model:<24} {shown:>11}  {wall / 60:>5.1f}m  {published}")
+
+
+def by_budget(a) -> None:
+    table = []
+    with tempfile.TemporaryDirectory(prefix="lmtune-quality-") as tmp:
+        for budget in a.budget.split(","):
+            for row in multi30k_budget(a, Path(tmp), budget):
+                table.append(row)
+                print(f"[{budget}] {row[1]}: {row[2]:.2f} in {row[4] / 60:.1f} min", file=sys.stderr, flush=True)
+    print(f"\nquality at equal wall-clock budgets, {a.gen_rows or 'all'} test rows\n")
+    print(f"{'benchmark':<44} {'contender':<28} {'BLEU':>6}  {'wall':>6}  published")
+    for bench, who, value, published, wall in table:
+        print(f"{bench:<44} {who:<28} {value:>6.2f}  {wall / 60:>5.1f}m  {published}")
+    for i in range(0, len(table), 2):
+        print(f"{table[i][0]}: lmtune / HF Trainer = {table[i][2] / max(table[i + 1][2], 1e-9):.2f}x BLEU")
 
 
 if __name__ == "__main__":

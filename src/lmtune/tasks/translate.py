@@ -79,6 +79,8 @@ def prompt(source: str, src_lang: str, tgt_lang: str, layout: str = "chat") -> s
 
 def scratch(name: str, cfg, train_rows: list[dict] | None):
     """A new decoder of the size `name` names ("scratch:10m") with a tokenizer trained on both sides of the pairs."""
+    import torch
+
     from lmtune import models
     from lmtune.data.tokenizer import train_tokenizer
 
@@ -92,6 +94,7 @@ def scratch(name: str, cfg, train_rows: list[dict] | None):
     tok = train_tokenizer("".join(f"{r['source']}\n{r['target']}\n" for r in train_rows), "bpe", SCRATCH_VOCAB)
     tok.chat_template = PLAIN_TEMPLATE
     src, tgt = languages(cfg, {})
+    torch.manual_seed(getattr(cfg, "seed", 0))  # the same weights for the same --seed
     model = models.build_from_preset(size, tok, cfg.max_length)
     return model, tok, {"task": "translate", "head": "causal", "kind": "decoder", "layout": "plain",
                         "scratch": size, "source_lang": src, "target_lang": tgt}
