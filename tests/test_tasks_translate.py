@@ -120,11 +120,12 @@ def test_a_model_from_scratch_learns_the_pairs_and_reads_back_as_any_decoder(tmp
                     "--out", out, "--max-steps", 60, "--batch-size", 16, "--learning-rate", 3e-3,
                     "--max-new-tokens", 24, "--eval-every", 60]) == 0
     meta = json.loads((out / "lmtune.json").read_text())
-    assert (meta["layout"], meta["scratch"], meta["source_lang"], meta["target_lang"]) == ("plain", "1m", "English", "German")
+    assert (meta["layout"], meta["scratch"]) == ("plain", "1m")
+    assert (meta["source_lang"], meta["target_lang"]) == ("English", "German")
     tok = AutoTokenizer.from_pretrained(out)
     assert 1000 < len(tok) <= 8000 and len(tok("Männer", add_special_tokens=False)["input_ids"]) <= 2
-    assert tok.apply_chat_template([{"role": "user", "content": "A dog."}, {"role": "assistant", "content": "Ein Hund."}],
-                                   tokenize=False) == "A dog.\nEin Hund.<|endoftext|>"
+    pair = [{"role": "user", "content": "A dog."}, {"role": "assistant", "content": "Ein Hund."}]
+    assert tok.apply_chat_template(pair, tokenize=False) == "A dog.\nEin Hund.<|endoftext|>"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.6 * losses[0], losses  # ln(8000) = 9.0 untrained
