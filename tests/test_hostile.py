@@ -557,6 +557,26 @@ def test_settings_that_only_the_model_can_refuse(tmp_path, fx, capsys):
                             r"\(512 positions\)")
 
 
+@pytest.mark.parametrize("verb", ["finetune", "evaluate", "generate"])
+def test_a_bad_kernel_name_is_refused_before_anything_is_read(verb, tmp_path, fx, capsys, monkeypatch):
+    """LMTUNE_KERNELS names the kernels to force (decode and training step alike); a name that is none of
+    them is one line at the verb's start (device.settle), before a model or data is read."""
+    monkeypatch.setenv("LMTUNE_KERNELS", "sdpa,fastest")
+    t = tmp_path
+    w(t, "d.jsonl", GOOD)
+    assert_one_line_failure([verb, *_fill(VERB_MIN[verb], t, fx)], t, capsys,
+                            r"LMTUNE_KERNELS='sdpa,fastest': 'fastest' is not a kernel")
+
+
+@pytest.mark.parametrize("verb, extra", [("evaluate", []), ("predict", ["--out", "{t}/p.jsonl"])])
+def test_a_scratch_model_outside_finetune_is_one_line(verb, extra, tmp_path, fx, capsys):
+    t = tmp_path
+    data = ",".join(str(w(t, name, text)) for name, text in (("d.en", "a dog\n"), ("d.de", "ein hund\n")))
+    assert_one_line_failure([verb, "--task", "translate", "--model", "scratch:10m", "--data", data,
+                             *_fill(extra, t, fx)], t, capsys,
+                            r"--model scratch:10m is a model finetune trains from scratch: give the folder")
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. Checkpoints and resume: damage falls back to an intact checkpoint; changed settings are refused.
 

@@ -76,15 +76,18 @@ def host_peak_rss_mb() -> float:
     # runner's), while VmHWM is this process's own peak (since the last `restart_peak`: the floor keeps
     # what came before)
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return max(_PEAK_FLOOR.get("cpu", 0.0), int(line.split()[1]) / 1024)
-    except OSError:
+        return max(_PEAK_FLOOR.get("cpu", 0.0), _vm_hwm_mb())
+    except (OSError, StopIteration):
         pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _vm_hwm_mb() -> float:
+    """VmHWM of this process (its peak resident set since start, or since the last `restart_peak`), MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 _PEAK_FLOOR: dict = {}  # {"cpu" or "cuda": the peak before the last restart_peak, MB}
@@ -92,7 +95,7 @@ _PEAK_FLOOR: dict = {}  # {"cpu" or "cuda": the peak before the last restart_pea
 
 def restart_peak(device) -> bool:
     """Start measuring a new peak (what one piece of work takes); returns False where that cannot be done
-    (no /proc): False. The process's own peak, `peak_memory_mb`, still counts what came before: its value so far
+    (no /proc). The process's own peak, `peak_memory_mb`, still counts what came before: its value so far
     is kept as a floor."""
     import torch
 
@@ -116,8 +119,7 @@ def new_peak_mb(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    return _vm_hwm_mb()
 
 
 def synchronize(device) -> None:
@@ -130,7 +132,11 @@ def synchronize(device) -> None:
 
 def settle(cfg):
     """The torch.device of `cfg.device`, with `cfg.bf16` (None: not given) set to that device's default,
-    in place and before anything is loaded. Every verb that runs a model starts with it."""
+    in place and before anything is loaded. Every verb that runs a model starts with it; a bad
+    LMTUNE_KERNELS is refused here too, before anything is read or written."""
+    from lmtune.costs.machine import forced_kernels
+
+    forced_kernels()
     dev = resolve(getattr(cfg, "device", "auto"))
     if hasattr(cfg, "bf16"):
         cfg.bf16 = use_bf16(cfg.bf16, dev)

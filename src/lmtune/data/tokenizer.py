@@ -10,8 +10,9 @@ from lmtune.errors import LmtuneError
 SPECIAL = "<|endoftext|>"
 
 
-def train_tokenizer(text: str, kind: str, vocab_size: int):
-    """A PreTrainedTokenizerFast: byte-level BPE trained on `text`, characters, or loaded from a path."""
+def train_tokenizer(text, kind: str, vocab_size: int):
+    """A PreTrainedTokenizerFast: byte-level BPE trained on `text` (a string, or for BPE an iterable of lines),
+    characters, or loaded from a path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -21,7 +22,7 @@ def train_tokenizer(text: str, kind: str, vocab_size: int):
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[SPECIAL],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        tok.train_from_iterator(text.splitlines(keepends=True) if isinstance(text, str) else text, trainer=trainer)
     elif kind == "char":
         chars = sorted(set(text))
         vocab = {SPECIAL: 0, **{c: i + 1 for i, c in enumerate(chars)}}

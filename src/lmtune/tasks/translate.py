@@ -85,13 +85,14 @@ def scratch(name: str, cfg, train_rows: list[dict] | None):
     from lmtune.data.tokenizer import train_tokenizer
 
     size = name.split(":", 1)[1]
+    if train_rows is None:  # evaluate, predict: there is nothing to build a model from
+        raise LmtuneError(f"--model {name} is a model finetune trains from scratch: give the folder its --out wrote")
     if size not in models.PRESETS:
         raise LmtuneError(f"--model {name}: no size {size!r}; use scratch:{'|'.join(models.PRESETS)}")
-    if cfg.lora:
+    if getattr(cfg, "lora", False):
         raise LmtuneError(f"--model {name} trains a new model in full: drop --lora")
-    if not train_rows:
-        raise LmtuneError(f"--model {name} is trained from the task's own pairs: give them with --data")
-    tok = train_tokenizer("".join(f"{r['source']}\n{r['target']}\n" for r in train_rows), "bpe", SCRATCH_VOCAB)
+    lines = (line for r in train_rows for line in (r["source"] + "\n", r["target"] + "\n"))
+    tok = train_tokenizer(lines, "bpe", SCRATCH_VOCAB)
     tok.chat_template = PLAIN_TEMPLATE
     src, tgt = languages(cfg, {})
     torch.manual_seed(getattr(cfg, "seed", 0))  # the same weights for the same --seed

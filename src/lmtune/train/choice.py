@@ -157,9 +157,9 @@ def measure(model, step_loss, batch, device, options: list[tuple[str | None, boo
 def pick(options: list, times: dict, default) -> tuple:
     """The fastest option whose peak memory is at most the default's (the candidate the run takes without
     measuring) plus MEMORY_SLACK; the default when none was timed."""
-    def of(o):
+    def of(o):  # (seconds, MB); (None, None) for a candidate that failed
         t = times.get(name(*o))
-        return (t, None) if isinstance(t, (int, float)) else tuple(t) if isinstance(t, list) else (None, None)
+        return tuple(t) if isinstance(t, list) else (None, None)
 
     limit = of(default)[1]
     timed = [o for o in options if of(o)[0] is not None
