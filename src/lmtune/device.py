@@ -130,12 +130,26 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+DECODE_KERNELS = ("dense", "blocks", "int8")  # generation.kernels
+STEP_KERNELS = ("sdpa", "matmul", "compiled", "uncompiled")  # train.choice
+
+
+def forced_kernels() -> tuple[str, ...]:
+    """The kernels `LMTUNE_KERNELS` names (comma-separated; empty when unset: every choice is measured)."""
+    from lmtune.errors import LmtuneError
+
+    names = tuple(n.strip() for n in os.environ.get("LMTUNE_KERNELS", "").split(",") if n.strip())
+    bad = [n for n in names if n not in DECODE_KERNELS + STEP_KERNELS]
+    if bad:
+        raise LmtuneError(f"LMTUNE_KERNELS={os.environ['LMTUNE_KERNELS']!r}: {bad[0]!r} is not a kernel: use "
+                          f"{', '.join(DECODE_KERNELS + STEP_KERNELS)}, comma-separated (unset: measured)")
+    return names
+
+
 def settle(cfg):
     """The torch.device of `cfg.device`, with `cfg.bf16` (None: not given) set to that device's default,
     in place and before anything is loaded. Every verb that runs a model starts with it; a bad
     LMTUNE_KERNELS is refused here too, before anything is read or written."""
-    from lmtune.costs.machine import forced_kernels
-
     forced_kernels()
     dev = resolve(getattr(cfg, "device", "auto"))
     if hasattr(cfg, "bf16"):

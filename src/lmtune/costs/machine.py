@@ -93,22 +93,6 @@ class Machine:
         return self._get("base_mb", _baseline_mb)  # [resident, peak]
 
 
-DECODE_KERNELS = ("dense", "blocks", "int8")  # generation.kernels
-STEP_KERNELS = ("sdpa", "matmul", "compiled", "uncompiled")  # train.choice
-
-
-def forced_kernels() -> tuple[str, ...]:
-    """The kernels `LMTUNE_KERNELS` names (comma-separated; empty when unset: every choice is measured)."""
-    from lmtune.errors import LmtuneError
-
-    names = tuple(n.strip() for n in os.environ.get("LMTUNE_KERNELS", "").split(",") if n.strip())
-    bad = [n for n in names if n not in DECODE_KERNELS + STEP_KERNELS]
-    if bad:
-        raise LmtuneError(f"LMTUNE_KERNELS={os.environ['LMTUNE_KERNELS']!r}: {bad[0]!r} is not a kernel: use "
-                          f"{', '.join(DECODE_KERNELS + STEP_KERNELS)}, comma-separated (unset: measured)")
-    return names
-
-
 def _best_of(fn, reps: int = 3, budget_s: float = 0.5) -> float:
     fn()  # warm-up (thread pool, caches, allocator)
     best, spent, i = float("inf"), 0.0, 0

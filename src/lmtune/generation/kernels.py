@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from lmtune.costs.machine import DECODE_KERNELS as NAMES
+from lmtune.device import DECODE_KERNELS as NAMES
 BUCKETS = (1, 4, 8, 16)  # rows measured; a bucket holds the row counts above the previous one, up to its own
 REPS = 3                 # sweeps per candidate and bucket, alternating candidates; the fastest counts
 
@@ -42,7 +42,7 @@ def takes(kernel: tuple, rows: int) -> bool:
 
 def forced() -> str | None:
     """The decode kernel LMTUNE_KERNELS names (it may also name training's, lmtune.train.choice), None when unset."""
-    from lmtune.costs.machine import forced_kernels
+    from lmtune.device import forced_kernels
 
     return next((n for n in forced_kernels() if n in NAMES), None)
 

@@ -78,7 +78,7 @@ def _matmul_fits(model, batch: dict, cfg, device) -> bool:
 
 def candidates(model, batch: dict, cfg, device) -> tuple[list[str], list[bool]]:
     """The attention implementations and compile settings this run can take (forced ones only, if any)."""
-    from lmtune.costs.machine import forced_kernels
+    from lmtune.device import forced_kernels
     from lmtune.train.regional import blocks
 
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
