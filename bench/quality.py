@@ -173,11 +173,26 @@ def multi30k_budget(a, work: Path, budget: str) -> list[tuple]:
     return rows
 
 
-def _hf_trainer_translate(work: Path, train: str, seconds: float, a) -> tuple[Path, float]:
-    """The Trainer's defaults (batch 8, lr 5e-5, linear decay over 3 epochs, fp32) on lmtune's scratch:10m model
-    and encoded pairs, stopped when the budget's time is up (counted from building the tokenizer and model)."""
+def _hf_trainer(model, examples, to_batch, t0: float, seconds: float, work: Path, name: str) -> None:
+    """The Hugging Face Trainer with its defaults (batch 8, lr 5e-5, linear decay over 3 epochs, fp32, no
+    warmup) on lmtune's model and encoded examples, stopped when `seconds` have passed since `t0` (less a few
+    seconds to save), or at the end of its 3 epochs, whichever comes first."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if time.perf_counter() - t0 > seconds - 10:
+                control.should_training_stop = True
+
+    args = TrainingArguments(output_dir=str(work / f"{name}-tmp"), save_strategy="no", report_to=[],
+                             use_cpu=True, logging_steps=100, disable_tqdm=True,
+                             remove_unused_columns=False)  # all else: the defaults (this one: lmtune targets)
+    Trainer(model=model, args=args, train_dataset=examples, data_collator=to_batch, callbacks=[Clock()]).train()
+
+
+def _hf_trainer_translate(work: Path, train: str, seconds: float, a) -> tuple[Path, float]:
+    """The Trainer's defaults on lmtune's scratch:10m model and encoded pairs (the clock counts from building
+    the tokenizer and model)."""
     from lmtune import models
     from lmtune.config import FinetuneConfig
     from lmtune.data.batching import collate
@@ -188,24 +203,110 @@ def _hf_trainer_translate(work: Path, train: str, seconds: float, a) -> tuple[Pa
     rows = translate.read(train, cfg)
     model, tok, meta = translate.scratch(cfg.model, cfg, rows)
     examples = translate.encode(rows, tok, cfg, meta, train)
-    out = work / "m30k-hf-trainer"
-
-    class Clock(TrainerCallback):  # the budget, less a few seconds to save the model
-        def on_step_end(self, args, state, control, **kw):
-            if time.perf_counter() - t0 > seconds - 10:
-                control.should_training_stop = True
 
     def coll(batch):
         b = collate(batch, tok.pad_token_id)
         b.pop("n_tokens")
         return b
 
-    args = TrainingArguments(output_dir=str(work / "hf-tmp"), save_strategy="no", report_to=[], use_cpu=True,
-                             logging_steps=100, disable_tqdm=True)  # everything else: the Trainer's defaults
-    Trainer(model=model, args=args, train_dataset=examples, data_collator=coll, callbacks=[Clock()]).train()
+    _hf_trainer(model, examples, coll, t0, seconds, work, "m30k")
+    out = work / "m30k-hf-trainer"
     out.mkdir(parents=True, exist_ok=True)
     models.save_model(model, tok, out, {**meta, "base_model": cfg.model, "lora": False})
     return out, time.perf_counter() - t0
+
+
+def _hf_trainer_encoder(work: Path, task: str, train: str, seconds: float, name: str, **opts) -> tuple[Path, float]:
+    """The Trainer's defaults on an encoder task (classify: run_glue's; qa: run_qa's), on the model lmtune's
+    task loads (the same head) and the examples lmtune's task encodes, saved as lmtune saves, so that lmtune's
+    evaluate scores it with the same code. The clock counts from reading the data."""
+    from lmtune import models, tasks
+    from lmtune.config import FinetuneConfig
+
+    t0 = time.perf_counter()
+    cfg = FinetuneConfig(task=task, data=train, out=str(work / "unused"), **opts)
+    t = tasks.get(task)
+    rows = t.read(train, cfg)
+    model, tok, meta = t.load(cfg.model, cfg, rows)
+    examples = t.encode(rows, tok, cfg, meta, train)
+    coll = t.collate(tok, meta)
+
+    def to_batch(batch):  # lmtune's targets ([-100, target...] a row) as the HF heads take them
+        b = coll(batch)
+        labels = b.pop("labels")
+        b.pop("span", None)
+        if task == "qa":
+            b["start_positions"], b["end_positions"] = labels[:, 1], labels[:, 2]
+        else:
+            b["labels"] = labels[:, 1]
+        return b
+
+    _hf_trainer(model, examples, to_batch, t0, seconds, work, name)
+    out = work / f"{name}-hf-trainer"
+    out.mkdir(parents=True, exist_ok=True)
+    models.save_model(model, tok, out, {**meta, "base_model": cfg.model, "lora": False})
+    return out, time.perf_counter() - t0
+
+
+# lmtune's sentiment recipe (configs/classify/sst2_minilm_budget.yaml, less its --budget and data)
+SST2_RECIPE = dict(task="classify", model="minilm-l6", text_column="sentence", batch_size=32, learning_rate=1e-4,
+                   warmup_steps=100, schedule="cosine", max_length=64)
+# lmtune's extractive QA recipe (configs/qa/xquad_minilm_budget.yaml, less its --budget and data)
+XQUAD_RECIPE = dict(task="qa", model="minilm-l6", batch_size=16, learning_rate=1e-4, warmup_steps=20,
+                    schedule="cosine", max_length=256, doc_stride=64)
+
+
+def sst2_budget(a, work: Path, budget: str) -> list[tuple]:
+    """SST-2 at one budget: lmtune's recipe against the Trainer with run_glue's defaults (dynamic padding
+    here, the stronger setting: run_glue pads to 128), MiniLM-L6 both, scored on the GLUE dev sentences."""
+    from lmtune.config import FinetuneConfig
+    from lmtune.finetune import finetune
+    from lmtune.train.budget import parse_duration
+
+    train, dev = str(DATA / "sst2" / "train.tsv"), str(DATA / "sst2" / "dev.tsv")
+    rows, what = [], f"SST-2 dev accuracy, {budget}"
+    if "recipe" in a.contenders:
+        out, t0 = work / f"sst2-lmtune-{budget}", time.perf_counter()
+        finetune(FinetuneConfig(data=train, out=str(out), budget=budget, threads=a.threads, save_every=10**9,
+                                **SST2_RECIPE))
+        spent = time.perf_counter() - t0
+        r = _evaluate(str(out), "classify", dev, text_column="sentence", max_length=128)
+        rows.append((what, "minilm-l6 lmtune recipe", r["accuracy"], "DistilBERT 91.3 (GPU)", spent))
+    if "trainer" in a.contenders:
+        peer, spent = _hf_trainer_encoder(work, "classify", train, parse_duration(budget), f"sst2-{budget}",
+                                          model="minilm-l6", text_column="sentence", max_length=128)
+        r = _evaluate(str(peer), "classify", dev, text_column="sentence", max_length=128)
+        rows.append((what, "minilm-l6 HF Trainer", r["accuracy"], "(peer, same budget)", spent))
+    return rows
+
+
+def xquad_budget(a, work: Path, budget: str) -> list[tuple]:
+    """Extractive QA at one budget on XQuAD-en split by article (27 train, 9 dev): lmtune's recipe against the
+    Trainer with run_qa's defaults (384-token windows, stride 128), MiniLM-L6 both, F1 on the dev articles."""
+    from lmtune.config import FinetuneConfig
+    from lmtune.finetune import finetune
+    from lmtune.train.budget import parse_duration
+
+    train, dev = _xquad_split(work)
+    rows, what = [], f"XQuAD-en dev F1 (9 unseen articles), {budget}"
+    if "recipe" in a.contenders:
+        out, t0 = work / f"xquad-lmtune-{budget}", time.perf_counter()
+        finetune(FinetuneConfig(data=train, out=str(out), budget=budget, threads=a.threads, save_every=10**9,
+                                **XQUAD_RECIPE))
+        spent = time.perf_counter() - t0
+        r = _evaluate(str(out), "qa", dev, max_length=XQUAD_RECIPE["max_length"],
+                      doc_stride=XQUAD_RECIPE["doc_stride"])
+        rows.append((what, "minilm-l6 lmtune recipe", r["f1"], "mBERT 83.5 (after SQuAD)", spent))
+    if "trainer" in a.contenders:
+        peer, spent = _hf_trainer_encoder(work, "qa", train, parse_duration(budget), f"xquad-{budget}",
+                                          model="minilm-l6", max_length=384, doc_stride=128)
+        r = _evaluate(str(peer), "qa", dev, max_length=384, doc_stride=128)
+        rows.append((what, "minilm-l6 HF Trainer", r["f1"], "(peer, same budget)", spent))
+    return rows
+
+
+BUDGET_RUNS = {"multi30k": multi30k_budget, "sst2": sst2_budget,
+               "xquad": xquad_budget}
 
 
 RUNS = {"sst2": sst2, "multi30k": multi30k, "xquad-ext": xquad_extractive, "xquad-gen": xquad_generative,
@@ -221,6 +322,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--budget", default="", help="comma-separated wall-clock budgets (e.g. 10m,30m): each task "
                    "that has a peer here (multi30k) runs lmtune's recipe and the HF Trainer on the same budget")
+    p.add_argument("--tasks", default="multi30k", help=f"with --budget: comma-separated subset of "
+                   f"{','.join(BUDGET_RUNS)}")
     p.add_argument("--contenders", default="recipe,trainer,pretrained",
                    help="with --budget: recipe (lmtune, scratch:10m), trainer (HF Trainer, same model), "
                         "pretrained (lmtune, SmolLM2-135M LoRA)")
@@ -249,18 +352,20 @@ def by_budget(a) -> None:
     table = []
     with tempfile.TemporaryDirectory(prefix="lmtune-quality-") as tmp:
         for budget in a.budget.split(","):
-            for row in multi30k_budget(a, Path(tmp), budget):
-                table.append(row)
-                print(f"[{budget}] {row[1]}: {row[2]:.2f} in {row[4] / 60:.1f} min", file=sys.stderr, flush=True)
-    print(f"\nquality at equal wall-clock budgets, {a.gen_rows or 'all'} test rows\n")
-    print(f"{'benchmark':<44} {'contender':<28} {'BLEU':>6}  {'wall':>6}  published")
+            for task in a.tasks.split(","):
+                for row in BUDGET_RUNS[task](a, Path(tmp), budget):
+                    table.append(row)
+                    print(f"[{budget}] {row[0]} {row[1]}: {row[2]:.2f} in {row[4] / 60:.1f} min", file=sys.stderr,
+                          flush=True)
+    print(f"\nquality at equal wall-clock budgets, {a.gen_rows or 'all'} generated rows\n")
+    print(f"{'benchmark':<48} {'contender':<28} {'value':>6}  {'wall':>6}  published")
     for bench, who, value, published, wall in table:
-        print(f"{bench:<44} {who:<28} {value:>6.2f}  {wall / 60:>5.1f}m  {published}")
-    for bench in dict.fromkeys(row[0] for row in table):
-        got = {who: value for b, who, value, *_ in table if b == bench}
-        if {"scratch:10m lmtune recipe", "scratch:10m HF Trainer"} <= set(got):
-            print(f"{bench}: lmtune / HF Trainer = "
-                  f"{got['scratch:10m lmtune recipe'] / max(got['scratch:10m HF Trainer'], 1e-9):.2f}x BLEU")
+        print(f"{bench:<48} {who:<28} {value:>6.2f}  {wall / 60:>5.1f}m  {published}")
+    for bench in dict.fromkeys(row[0] for row in table):  # lmtune's recipe against the Trainer, each budget
+        ours = [v for b, who, v, *_ in table if b == bench and who.endswith("lmtune recipe")]
+        peer = [v for b, who, v, *_ in table if b == bench and who.endswith("HF Trainer")]
+        if ours and peer:
+            print(f"{bench}: lmtune - HF Trainer = {ours[0] - peer[0]:+.2f} ({ours[0] / max(peer[0], 1e-9):.2f}x)")
 
 
 if __name__ == "__main__":
