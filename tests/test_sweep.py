@@ -110,3 +110,22 @@ def test_bad_sweep_input_is_one_line_and_exit_2(char_setup, tmp_path, capsys, ch
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and expect in err and "\n" not in err, err
     assert not (tmp_path / "never").exists()
+
+
+def test_pruning_across_batch_sizes_is_flagged(char_setup, tmp_path, capsys):
+    """Searching batch_size makes equal step numbers hold unequal data: the median pruner would compare unlike
+    validations, so the sweep says so (and says nothing with pruner: none)."""
+    from lmtune.cli import parse
+    from lmtune.sweep import sweep
+
+    train = {**char_setup["train"], "max_steps": 3}
+    for pruner, flagged in (("median", True), ("none", False)):
+        spec = write_sweep(tmp_path / f"{pruner}.yaml", train, out=str(tmp_path / pruner), seed=0, pruner=pruner,
+                           trials=1)
+        spec_dict = yaml.safe_load(spec.read_text())
+        spec_dict["space"]["batch_size"] = [4, 8]
+        spec.write_text(yaml.safe_dump(spec_dict))
+        study = sweep(parse("sweep", ["--config", str(spec)]))
+        assert study.trials[0].state.name == "COMPLETE"
+        err = capsys.readouterr().err
+        assert ("compares trials' validations at equal step numbers" in err) is flagged, err

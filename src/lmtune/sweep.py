@@ -21,6 +21,7 @@ from lmtune.config import FinetuneConfig, SweepConfig, options
 from lmtune.errors import LmtuneError
 
 DONE_STATES = ("COMPLETE", "PRUNED", "FAIL")
+PER_STEP_KEYS = {"batch_size", "grad_accum", "max_length", "pack"}  # searched, they make steps unlike
 
 
 def sweep(cfg: SweepConfig):
@@ -28,6 +29,10 @@ def sweep(cfg: SweepConfig):
     import optuna
 
     base, space, metric, direction = check_sweep(cfg)
+    if cfg.pruner != "none" and PER_STEP_KEYS & set(space):
+        print(f"note: the {cfg.pruner} pruner compares trials' validations at equal step numbers, and "
+              f"{', '.join(sorted(PER_STEP_KEYS & set(space)))} in the space changes how much data a step holds; "
+              "give pruner: none to compare only finished trials", file=sys.stderr)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     out = Path(cfg.out)
