@@ -129,3 +129,40 @@ def test_pruning_across_batch_sizes_is_flagged(char_setup, tmp_path, capsys):
         assert study.trials[0].state.name == "COMPLETE"
         err = capsys.readouterr().err
         assert ("compares trials' validations at equal step numbers" in err) is flagged, err
+
+
+def test_a_pretraining_sweep_runs_pretrain_trials(tmp_path, capsys):
+    """verb: pretrain searches a model from scratch on raw text: each trial is a pretrain run reporting its
+    val_loss, best.yaml runs with `lmtune pretrain`, and a finetune-only metric or key is one line."""
+    from lmtune.cli import parse
+    from lmtune.data.synthetic import date_records
+    from lmtune.sweep import sweep
+
+    text = "\n\n".join(f"{r['instruction']} {r['input']} {r['output']}" for r in date_records(200, seed=3))
+    (tmp_path / "corpus.txt").write_text(text)
+    train = {"data": str(tmp_path / "corpus.txt"), "tokenizer": "char", "model_size": "1m", "max_length": 64,
+             "batch_size": 4, "max_steps": 4, "eval_every": 2, "val_split": 0.1, "threads": 1, "save_every": 1000}
+    spec = {"verb": "pretrain", "train": train, "out": str(tmp_path / "sw"), "trials": 2, "pruner": "none",
+            "seed": 0, "space": {"learning_rate": [1e-3, 3e-3]}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    study = sweep(parse("sweep", ["--config", str(tmp_path / "p.yaml")]))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for t in study.trials:  # each trial is a pretrained model folder whose best val_loss is the trial's value
+        run = Path(t.user_attrs["run_dir"])
+        assert (run / "model.safetensors").is_file() and (run / "tokenizer").is_dir()
+        losses = [json.loads(line)["val_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                  if "val_loss" in line]
+        assert losses and t.value == min(losses)
+    best = tmp_path / "sw" / "best.yaml"
+    assert "lmtune pretrain --config" in best.read_text()
+    assert parse("pretrain", ["--config", str(best)]).learning_rate == study.best_trial.params["learning_rate"]
+
+    capsys.readouterr()
+    for change, expect in (({"metric": "accuracy"}, "metric 'accuracy' is not reported by pretrain"),
+                           ({"space": {"lora_r": [8]}}, "unknown parameter 'lora_r'"),
+                           ({"train": {**train, "val_split": 0.0}}, "give train: val_split above 0")):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, "out": str(tmp_path / "never"), **change}))
+        assert run_cli(["sweep", "--config", tmp_path / "bad.yaml"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and expect in err and "\n" not in err, err
+    assert not (tmp_path / "never").exists()

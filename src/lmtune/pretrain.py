@@ -45,8 +45,9 @@ def prepared_data(cfg: PretrainConfig):
     return folder, shards.load(folder, tokenizer), tokenizer
 
 
-def pretrain(cfg: PretrainConfig) -> Path:
-    """Tokenizer, model from a preset, train/validation split, the training loop, a Hugging Face folder."""
+def pretrain(cfg: PretrainConfig, *, on_validation=None) -> Path:
+    """Tokenizer, model from a preset, train/validation split, the training loop, a Hugging Face folder.
+    `on_validation(step, metrics)` goes to the loop (a sweep reports each validation to Optuna through it)."""
     from lmtune.train import budget
 
     started = budget.run_start()  # a --budget counts from here
@@ -105,7 +106,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
               file=sys.stderr)
     with discard_if_failed_early(out, cfg.resume):
         last = fit(model, examples, cfg, out, collate=coll, loss_fn=task.loss, evaluate=evaluate,
-                   resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"), plan=plan)
+                   resume_command="lmtune " + " ".join(a for a in sys.argv[1:] if a != "--resume"), plan=plan,
+                   on_validation=on_validation)
         models.save_model(model, tokenizer, out, {"task": "lm", "model_size": cfg.model_size})
     plot_loss(out)
     if distributed.world().is_main:

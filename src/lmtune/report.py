@@ -195,12 +195,13 @@ def _text_table(rows: list[dict], metric: str) -> str:
 
 
 def write_best_yaml(cfg, best, path: Path) -> None:
-    """The sweep's train: settings with the best trial's values: `lmtune finetune --config best.yaml`."""
+    """The sweep's train: settings with the best trial's values: `lmtune finetune --config best.yaml` (or
+    pretrain, the sweep's verb)."""
     import yaml
 
     settings = {**cfg.train, **best.params, "out": str(Path(cfg.out) / "best")}
     header = (f"# Best trial {best.number} of sweep '{cfg.study_name}' (value {best.value:.6g}).\n"
-              f"# Run it with: lmtune finetune --config {path}\n")
+              f"# Run it with: lmtune {getattr(cfg, 'verb', 'finetune')} --config {path}\n")
     path.write_text(header + yaml.safe_dump(settings, sort_keys=False))
 
 

@@ -1,9 +1,9 @@
-"""`lmtune sweep`: hyperparameter search with Optuna over the ordinary fine-tuning path.
+"""`lmtune sweep`: hyperparameter search with Optuna over the ordinary fine-tuning (or pretraining) path.
 
-Each trial is a plain `finetune` run in OUT/trial-NNN whose validations are reported to Optuna through
-the loop's `on_validation` hook, so a poor trial is pruned after its first bad validation. The study
-lives in a database (SQLite in OUT by default): rerunning the command resumes it, and any number of
-processes given the same --storage share it, each asking the database for its next trial.
+Each trial is a plain `finetune` (with `verb: pretrain`, a `pretrain`) run in OUT/trial-NNN whose validations
+are reported to Optuna through the loop's `on_validation` hook, so a poor trial is pruned after its first bad
+validation. The study lives in a database (SQLite in OUT by default): rerunning the command resumes it, and
+any number of processes given the same --storage share it, each asking the database for its next trial.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import warnings
 from pathlib import Path
 
 from lmtune import files, tasks
-from lmtune.config import FinetuneConfig, SweepConfig, options
+from lmtune.config import FinetuneConfig, PretrainConfig, SweepConfig, options
 from lmtune.errors import LmtuneError
 
 DONE_STATES = ("COMPLETE", "PRUNED", "FAIL")
 PER_STEP_KEYS = {"batch_size", "grad_accum", "max_length", "pack"}  # searched, they make steps unlike
+VERBS = {"finetune": FinetuneConfig, "pretrain": PretrainConfig}  # what a trial runs -> its config
 
 
 def sweep(cfg: SweepConfig):
@@ -46,7 +47,7 @@ def sweep(cfg: SweepConfig):
     print(f"sweep {cfg.study_name}: {_count_done(study)} trials done, {max(left, 0)} to go; "
           f"optimising {metric} ({direction})", file=sys.stderr)
     if left > 0:
-        study.optimize(objective(base, space, metric, out), n_trials=left, catch=(Exception,),
+        study.optimize(objective(cfg.verb, base, space, metric, out), n_trials=left, catch=(Exception,),
                        callbacks=[_stop_when_full(cfg.trials)], gc_after_trial=True)
     from lmtune.report import write_sweep_report
 
@@ -54,13 +55,14 @@ def sweep(cfg: SweepConfig):
     return study
 
 
-def check_sweep_out(cfg: SweepConfig, base: FinetuneConfig) -> None:
+def check_sweep_out(cfg: SweepConfig, base) -> None:
     """The sweep writes these files and trial-NNN folders into --out: none of them may be an input."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise LmtuneError(f"--out {out} is a file: give a folder for the sweep")
-    inputs = files.local_inputs(data=base.data, eval_data=base.eval_data, model=base.model,
-                                config=getattr(cfg, "_config_file", ""))
+    inputs = files.local_inputs(data=base.data, eval_data=getattr(base, "eval_data", ""),
+                                model=getattr(base, "model", ""), model_config=getattr(base, "model_config", ""),
+                                tokenizer=_tokenizer_file(base), config=getattr(cfg, "_config_file", ""))
     names = ("study.db", "best.yaml", "trials.csv", "report.html", "history.png", "importance.png", "best")
     files.check_outputs([("--out", out / n) for n in names], inputs)
     for flag, path in inputs:
@@ -69,21 +71,31 @@ def check_sweep_out(cfg: SweepConfig, base: FinetuneConfig) -> None:
                               "move it out of the sweep folder")
 
 
-def check_sweep(cfg: SweepConfig) -> tuple[FinetuneConfig, dict, str, str]:
+def _tokenizer_file(base) -> str:
+    """A pretrain trial's --tokenizer when it names a file or folder (bpe and char are trained)."""
+    tok = getattr(base, "tokenizer", "")
+    return tok if tok not in ("", "bpe", "char") else ""
+
+
+def check_sweep(cfg: SweepConfig) -> tuple[FinetuneConfig | PretrainConfig, dict, str, str]:
     """(trial base config, search space, metric, direction); one-line errors for every mistake."""
     where = "sweep config"
     if not cfg.train:
-        raise LmtuneError(f"{where}: no 'train:' mapping; give the finetune settings every trial starts from")
+        raise LmtuneError(f"{where}: no 'train:' mapping; give the {cfg.verb} settings every trial starts from")
     train = {k.replace("-", "_"): v for k, v in cfg.train.items()}
     train.update(out=str(Path(cfg.out) / "trial"), overwrite=True, resume=False)
-    base = options.build(FinetuneConfig, train, f"{where} 'train:'", {})
-    space = check_space(cfg.space)
-    if not (base.eval_data or base.val_split):
-        raise LmtuneError(f"{where}: trials need validation data: give train: eval_data (or val_split)")
-    known = ["val_loss"] + [f"val_{m}" for m in tasks.get(base.task).METRICS]
+    kind = VERBS[cfg.verb]
+    base = options.build(kind, train, f"{where} 'train:'", {})
+    space = check_space(cfg.space, kind, cfg.verb)
+    if not (getattr(base, "eval_data", "") or base.val_split):
+        raise LmtuneError(f"{where}: trials need validation data: give train: "
+                          + ("eval_data (or val_split)" if cfg.verb == "finetune" else "val_split above 0"))
+    task = base.task if cfg.verb == "finetune" else "lm"
+    known = ["val_loss"] + ([f"val_{m}" for m in tasks.get(task).METRICS] if cfg.verb == "finetune" else [])
     metric = cfg.metric if cfg.metric.startswith("val_") else f"val_{cfg.metric}"
     if metric not in known:
-        raise LmtuneError(f"{where}: metric '{cfg.metric}' is not reported by task {base.task}; "
+        who = f"task {task}" if cfg.verb == "finetune" else "pretrain"
+        raise LmtuneError(f"{where}: metric '{cfg.metric}' is not reported by {who}; "
                           f"choose one of {', '.join(known)}")
     direction = cfg.direction
     if direction == "auto":
@@ -92,36 +104,37 @@ def check_sweep(cfg: SweepConfig) -> tuple[FinetuneConfig, dict, str, str]:
         if not isinstance(params, dict):
             raise LmtuneError(f"{where}: enqueue item {i + 1} must be a mapping of key: value")
         for k, v in params.items():
-            options.coerce(FinetuneConfig, k, v, f"{where} enqueue item {i + 1}")
+            options.coerce(kind, k, v, f"{where} enqueue item {i + 1}")
     return base, space, metric, direction
 
 
-def check_space(space: dict) -> dict:
-    """Normalise the space to {key: ('float'|'int', low, high, log, step) or ('categorical', choices)}."""
+def check_space(space: dict, kind: type, verb: str) -> dict:
+    """Normalise the space (keys of `kind`, the trials' config) to {key: ('float'|'int', low, high, log, step)
+    or ('categorical', choices)}."""
     where = "sweep config 'space:'"
     if not space:
         raise LmtuneError(f"{where} is empty: give at least one key to search, e.g. "
                           "learning_rate: {low: 1.0e-5, high: 1.0e-2, log: true}")
-    fields, out = options.fields_of(FinetuneConfig), {}
+    fields, out = options.fields_of(kind), {}
     for key, spec in space.items():
         name = key.removeprefix("train.").replace("-", "_")
         if name not in fields:
             close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
-            hint = f", did you mean '{close[0]}'?" if close else "; see `lmtune finetune --help` for the keys"
+            hint = f", did you mean '{close[0]}'?" if close else "; see `lmtune {verb} --help` for the keys"
             raise LmtuneError(f"{where}: unknown parameter '{key}'{hint}")
-        if name in ("out", "data", "eval_data", "resume", "overwrite", "task"):
+        if name in ("out", "data", "eval_data", "resume", "overwrite", "task", "distributed"):
             raise LmtuneError(f"{where}: '{key}' cannot be searched; set it under train:")
-        typ = options.type_of(FinetuneConfig, name)
+        typ = options.type_of(kind, name)
         if isinstance(spec, list):
             if not spec:
                 raise LmtuneError(f"{where}: '{key}' has an empty list of choices")
-            out[name] = ("categorical", [options.coerce(FinetuneConfig, name, v, f"{where} '{key}'") for v in spec])
+            out[name] = ("categorical", [options.coerce(kind, name, v, f"{where} '{key}'") for v in spec])
             continue
         if not isinstance(spec, dict) or "low" not in spec or "high" not in spec:
             raise LmtuneError(f"{where}: '{key}' must be a list of choices or {{low: ..., high: ..., log: bool}}")
         if typ not in (int, float):
             raise LmtuneError(f"{where}: '{key}' is {typ.__name__}, not a number: give a list of choices")
-        low, high = (options.coerce(FinetuneConfig, name, spec[b], f"{where} '{key}' {b}") for b in ("low", "high"))
+        low, high = (options.coerce(kind, name, spec[b], f"{where} '{key}' {b}") for b in ("low", "high"))
         if low > high:
             raise LmtuneError(f"{where}: '{key}' has low {low} > high {high}; swap them")
         log = bool(spec.get("log", False))
@@ -174,12 +187,16 @@ def suggest(trial, space: dict) -> dict:
     return params
 
 
-def objective(base: FinetuneConfig, space: dict, metric: str, out: Path):
-    """One trial: a finetune run in OUT/trial-NNN; returns the best validation value it reached."""
+def objective(verb: str, base, space: dict, metric: str, out: Path):
+    """One trial: a finetune (or pretrain) run in OUT/trial-NNN; returns the best validation value it reached."""
     import optuna
 
-    from lmtune.finetune import finetune
     from lmtune.train.loop import Interrupted
+
+    if verb == "pretrain":
+        from lmtune.pretrain import pretrain as train
+    else:
+        from lmtune.finetune import finetune as train
 
     def run(trial) -> float:
         params = suggest(trial, space)
@@ -198,7 +215,7 @@ def objective(base: FinetuneConfig, space: dict, metric: str, out: Path):
                 raise optuna.TrialPruned(f"pruned at step {step}: {metric} {seen[-1]:.4f}")
 
         try:
-            finetune(cfg, on_validation=on_validation)
+            train(cfg, on_validation=on_validation)
         except optuna.TrialPruned:
             raise
         except Interrupted:  # Ctrl-C: stop the sweep; this trial does not count (see _count_done)

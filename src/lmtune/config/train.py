@@ -214,15 +214,17 @@ class DemoConfig:
 
 @dataclass
 class SweepConfig:
-    """`lmtune sweep --config SWEEP.yaml`: search hyperparameters of a fine-tune with Optuna.
+    """`lmtune sweep --config SWEEP.yaml`: search hyperparameters of a fine-tune (or a pretraining) with Optuna.
 
-    The YAML holds `train:` (finetune keys, with validation data), `space:` (key: {low, high, log} for
-    numbers, or a list of choices), `metric`, `direction` and `trials`. Example:
+    The YAML holds `train:` (the keys of `verb`, finetune or pretrain, with validation data), `space:`
+    (key: {low, high, log} for numbers, or a list of choices), `metric`, `direction` and `trials`. Example:
       train: {model: smollm2-135m, data: train.jsonl, eval_data: val.jsonl, lora: true, max_steps: 200, eval_every: 50}
       space: {learning_rate: {low: 1.0e-5, high: 1.0e-2, log: true}, lora_r: [8, 16, 32]}
     Several processes given the same --storage share one study; rerunning the command resumes it."""
 
-    train: dict = opt({}, "Finetune settings every trial starts from (any `lmtune finetune` key).")
+    verb: str = opt("finetune", "What each trial runs: finetune, or pretrain (a model from scratch on raw text).",
+                    choices=("finetune", "pretrain"))
+    train: dict = opt({}, "Settings every trial starts from (any key of --verb, `lmtune finetune` by default).")
     space: dict = opt({}, "Search space: key: {low, high, log, step} (float/int) or key: [choice, ...].")
     enqueue: list = opt([], "Settings to try first, e.g. [{learning_rate: 1.0e-3}] (a known-good start).")
     out: str = opt("", "Sweep folder: study.db, one run folder per trial, best.yaml, trials.csv, report.html.",
