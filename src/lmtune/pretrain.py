@@ -18,6 +18,11 @@ from lmtune.errors import LmtuneError
 SHARD_MB = 16.0  # MB of text per shard of the prepare cache
 
 
+def tokenizer_file(cfg: PretrainConfig) -> str:
+    """--tokenizer when it names a file or folder, an input of the run ('' for bpe and char, trained here)."""
+    return cfg.tokenizer if cfg.tokenizer not in ("bpe", "char") else ""
+
+
 def prepared_data(cfg: PretrainConfig):
     """(folder, manifest, tokenizer) of the token shards to train on: --data itself when it is a prepared
     folder, else raw text prepared once into the lmtune cache (rank 0 tokenizes, the others wait)."""
@@ -67,8 +72,7 @@ def pretrain(cfg: PretrainConfig, *, on_validation=None) -> Path:
 
     distributed.setup(cfg.distributed)
     device.settle(cfg)  # --device checked and --bf16's default set before anything is read or built
-    tokenizer_path = cfg.tokenizer if cfg.tokenizer not in ("bpe", "char") else ""
-    inputs = files.local_inputs(data=cfg.data, tokenizer=tokenizer_path, model_config=cfg.model_config,
+    inputs = files.local_inputs(data=cfg.data, tokenizer=tokenizer_file(cfg), model_config=cfg.model_config,
                                 config=getattr(cfg, "_config_file", ""))
     check_out_dir(cfg.out, cfg.resume, cfg.overwrite, inputs, settings=to_dict(cfg))
     seconds = budget.check(cfg)

@@ -60,21 +60,18 @@ def check_sweep_out(cfg: SweepConfig, base) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise LmtuneError(f"--out {out} is a file: give a folder for the sweep")
+    from lmtune.pretrain import tokenizer_file
+
     inputs = files.local_inputs(data=base.data, eval_data=getattr(base, "eval_data", ""),
                                 model=getattr(base, "model", ""), model_config=getattr(base, "model_config", ""),
-                                tokenizer=_tokenizer_file(base), config=getattr(cfg, "_config_file", ""))
+                                tokenizer=tokenizer_file(base) if cfg.verb == "pretrain" else "",
+                                config=getattr(cfg, "_config_file", ""))
     names = ("study.db", "best.yaml", "trials.csv", "report.html", "history.png", "importance.png", "best")
     files.check_outputs([("--out", out / n) for n in names], inputs)
     for flag, path in inputs:
         if path.is_relative_to(out.resolve()) and path.relative_to(out.resolve()).parts[0].startswith("trial"):
             raise LmtuneError(f"{flag} {path} lies inside a trial folder of --out {out}, which trials replace: "
                               "move it out of the sweep folder")
-
-
-def _tokenizer_file(base) -> str:
-    """A pretrain trial's --tokenizer when it names a file or folder (bpe and char are trained)."""
-    tok = getattr(base, "tokenizer", "")
-    return tok if tok not in ("", "bpe", "char") else ""
 
 
 def check_sweep(cfg: SweepConfig) -> tuple[FinetuneConfig | PretrainConfig, dict, str, str]:
