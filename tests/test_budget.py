@@ -82,6 +82,25 @@ def test_one_slow_save_does_not_end_the_run_early():
     assert plan.total > 0.8 * before, (before, plan.total)
 
 
+def test_the_plan_follows_the_mean_step_time():
+    """Batches of unequal lengths: most steps short, one in five long. The steps still to come cost their
+    mean, so the plan is sized by it; the median of recent steps (as before) planned about twice as many
+    steps as fit, and swung from one step to the next."""
+    import time as clock
+
+    from lmtune.train.budget import Plan
+
+    plan = Plan(3600, clock.monotonic(), step_s=0.05, eval_s=0.0, save_s=0.05, eval_every=0, save_every=10**9,
+                validates=False)
+    totals = []
+    for step in range(1, 401):
+        totals.append(plan.saw_step(step, 0.2 if step % 5 == 0 else 0.03))
+    mean = (4 * 0.03 + 0.2) / 5
+    left = plan.deadline - clock.monotonic() - max(0.03 * 3600, 3.0)
+    assert abs((plan.total - 400) * mean - left) < 0.03 * left, (plan.total, left / mean)
+    assert max(totals[-100:]) - min(totals[-100:]) < 0.01 * plan.total, (min(totals[-100:]), max(totals[-100:]))
+
+
 @pytest.mark.parametrize("extra,words", [(["--max-steps", "5"], "not both"), (["--epochs", "2"], "not both"),
                                          ([], "cannot hold")])
 def test_refused_before_anything_is_written(setup, tmp_path, capsys, extra, words):

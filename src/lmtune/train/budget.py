@@ -4,8 +4,9 @@ Before training, one timed forward pass over a real micro-batch predicts the ste
 backward is about three forwards), and one validation is run and timed (what validating costs is
 measured, not guessed: a generating metric such as BLEU costs far more than a forward pass), so a budget
 that cannot hold one step and one validation is refused in one line, before the output folder is touched. The loop then asks `Plan`
-after every step how many steps the run should have: the step time measured so far (median of the
-recent steps; the first one, which warms up, is left out once others exist), the measured time of a
+after every step how many steps the run should have: the step time measured so far (the mean of the
+last 200 steps, which is what predicts their sum when batches differ in length; the first step, which
+warms up, is left out once others exist), the measured time of a
 validation and a checkpoint, and what is left of the budget, which counts from the start of the verb,
 loading and encoding included (from the start of `lmtune` itself when run from the command line). The learning-rate schedule reads that total at every step, so cosine
 or warmup-stable-decay decays to the run's real end. The planned total is stored in each checkpoint:
@@ -14,6 +15,7 @@ or warmup-stable-decay decays to the run's real end. The planned total is stored
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import statistics
@@ -28,6 +30,7 @@ MARGIN, MARGIN_S = 0.03, 3.0  # kept free for what is not measured (the final pl
 # took 0.31x the time of importing them (5.5 s against 17.6 s on a loaded 2-core machine), so 0.3x of
 # the time before the first step is kept for it.
 EXIT_SHARE = 0.3
+STEP_WINDOW = 200  # steps whose mean time predicts the ones to come
 _cli_start: list[float] = []
 
 
@@ -74,7 +77,8 @@ class Plan:
         self.seconds, self.deadline = seconds, started + seconds - exit_s
         self.step_s, self.eval_s, self.save_s = step_s, eval_s, save_s  # predictions until measured
         self.eval_every, self.save_every, self.validates = eval_every, save_every, validates
-        self.step_times: list[float] = []
+        self.warmup_s: float | None = None  # the first step's time, used only until others exist
+        self.step_times: collections.deque = collections.deque(maxlen=STEP_WINDOW)
         self.save_times = [save_s]  # the prediction counts as one sample: one outlier never decides alone
         self.fixed: int | None = None  # a resumed run keeps the end its checkpoint planned
         self.first: dict | None = None  # the validation timed before training (of the untouched model)
@@ -102,9 +106,13 @@ class Plan:
 
     def saw_step(self, done: int, seconds: float) -> int:
         """Record a step's time; returns the run's total steps (== done: stop now)."""
-        self.step_times.append(seconds)
-        recent = self.step_times[1:][-20:] or self.step_times
-        self.step_s = statistics.median(recent)
+        if self.warmup_s is None:
+            self.warmup_s = seconds
+        else:
+            self.step_times.append(seconds)
+        # a mean, not a median: with batches of unequal lengths the median of 20 steps swung the plan
+        # (and the progress bar's total) between 13k and 24k steps from one step to the next
+        self.step_s = statistics.fmean(self.step_times) if self.step_times else seconds
         self.total = self.fixed if self.fixed is not None else max(done, self._fit(done))
         return self.total
 
