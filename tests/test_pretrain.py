@@ -45,3 +45,17 @@ def test_char_tokenizer_round_trips(tmp_path, shakespeare_small):
     ids = tok("First Citizen:\nBefore we proceed")["input_ids"]
     assert len(ids) == len("First Citizen:\nBefore we proceed")
     assert tok.decode(ids) == "First Citizen:\nBefore we proceed"
+
+
+def test_a_held_back_share_too_small_to_validate_says_so(tmp_path, capsys):
+    """One paragraph is one document, and --val-split holds back whole documents: nothing is left to
+    validate on. The run says so instead of training silently unvalidated (a sweep scoring val_loss would
+    otherwise only learn that no trial reported one)."""
+    text = tmp_path / "one.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    cfg = PretrainConfig(data=str(text), out=str(tmp_path / "run"), tokenizer="char", model_size="1m",
+                         max_length=32, batch_size=4, max_steps=2, val_split=0.1, save_every=10)
+    pretrain(cfg)
+    err = capsys.readouterr().err
+    assert "note: no validation" in err and "--val-split 0.1" in err, err[-500:]
+    assert not [r for r in read_metrics(tmp_path / "run") if "val_loss" in r]

@@ -85,6 +85,10 @@ def pretrain(cfg: PretrainConfig, *, on_validation=None) -> Path:
     val_examples = TokenBlocks(data_dir, manifest, "val", cfg.max_length, cfg.val_max_blocks)
     if not len(examples):
         raise LmtuneError(f"{cfg.data}: too little text for one block of {cfg.max_length} tokens")
+    if cfg.val_split and not len(val_examples) and distributed.world().is_main:  # else it trains unvalidated
+        print(f"note: no validation: the documents --val-split {cfg.val_split:g} holds back (a document ends at a "
+              f"blank line) make less than one block of {cfg.max_length} tokens; give more text, a larger "
+              "--val-split or a smaller --max-length", file=sys.stderr)
 
     torch.manual_seed(cfg.seed)
     model = models.build_from_preset(cfg.model_size, tokenizer, cfg.max_length, cfg.model_config)
