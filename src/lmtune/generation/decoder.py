@@ -222,6 +222,8 @@ class LlamaRunner:
         H, KV, D = self.n_head, self.n_kv, self.head_dim
         x = F.embedding(ids, self.emb)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, S, D)
+        if at.dim() == 2 and B == 1:  # one row (a server's lone request): its slot written as generate writes it
+            at = at[0]
         each = torch.arange(B) if at.dim() == 2 else None
         for i, L in enumerate(self.layers):
             # attention: one matmul for q, k, v; rotary on q and k together; cache write in place

@@ -127,9 +127,9 @@ class Batcher:
         tokens = tokens.tolist()
         for i in reversed(range(len(rows))):  # backwards: a freed slot takes the last row, already handled
             r, t = rows[i], tokens[i]
-            if r.cancelled.is_set():  # client gone (or a stop string seen): stop spending steps on it
+            cancelled = r.cancelled.is_set()
+            if cancelled:  # client gone (or a stop string seen): stop spending steps on it
                 r.done = True
-                self.stats["cancelled"] += 1
             elif t in self.eos:
                 self._finish(r, "stop")
             else:
@@ -143,6 +143,7 @@ class Batcher:
                 rows[i], tokens[i] = rows[-1], tokens[-1]
                 rows.pop()
                 tokens.pop()
+                self.stats["cancelled"] += cancelled  # counted once its slot is free (what /health shows)
         return self.slots.step(tokens) if rows else None
 
     def _finish(self, r: GenRequest, reason: str) -> None:
