@@ -40,6 +40,11 @@ def _content(value, where_: str, i: int) -> str:
                       f"{{type: text, text}} parts, got {value!r:.60}")
 
 
+class EmptyAnswer(LmtuneError):
+    """A record whose answer is empty: skipped by `read` when other records have one (Alpaca itself holds a
+    few), refused when none does."""
+
+
 def _text(row: dict, key: str, where_: str, required: bool = True) -> str:
     value = row.get(key)
     if value is None and not required:
@@ -66,7 +71,7 @@ def to_messages(row: dict, path: str, targets: bool = True) -> list[dict]:
         if targets and not any(m["role"] == "assistant" for m in out):
             raise LmtuneError(f"{at}: 'messages' has no assistant turn to learn from")
         if targets and any(m["role"] == "assistant" and not m["content"].strip() for m in out):
-            raise LmtuneError(f"{at}: 'messages' has an empty assistant turn: nothing to learn from it")
+            raise EmptyAnswer(f"{at}: 'messages' has an empty assistant turn: nothing to learn from it")
         return out
     pairs = (("instruction", "output"), ("prompt", "completion"))
     for ask, answer in pairs:
@@ -80,7 +85,7 @@ def to_messages(row: dict, path: str, targets: bool = True) -> list[dict]:
             if answer in row:
                 reply = _text(row, answer, at)
                 if targets and not reply.strip():
-                    raise LmtuneError(f"{at}: field '{answer}' is empty: nothing to learn from this record")
+                    raise EmptyAnswer(f"{at}: field '{answer}' is empty: nothing to learn from this record")
                 msgs.append({"role": "assistant", "content": reply})
             return msgs
     fields = ", ".join(k for k in row if k != "_line") or "none"
@@ -207,9 +212,20 @@ def read(path: str, cfg, targets: bool = True) -> list[dict]:
     rows = read_records(path)
     rows = rows[:limit] if limit else rows
     rows = [from_sharegpt(r, path, cfg) for r in rows]
+    kept, empty = [], []
     for row in rows:  # every record checked now, before a model is loaded or a folder made
-        to_messages(row, path, targets)
-    return rows
+        try:
+            to_messages(row, path, targets)
+            kept.append(row)
+        except EmptyAnswer as e:
+            empty.append(e)
+    if empty and not kept:
+        raise empty[0]
+    if empty:  # a few empty answers in a real data set (Alpaca has them): left out, and said so
+        where_ = ", ".join(str(e).split(": ")[0] for e in empty[:3]) + (", ..." if len(empty) > 3 else "")
+        print(f"note: {len(empty)} of {len(rows)} records in {path} have an empty answer and are left out "
+              f"({where_})", file=sys.stderr)
+    return kept
 
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
