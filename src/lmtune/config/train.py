@@ -155,7 +155,8 @@ class PretrainConfig(TrainConfig):
     vocab_size: int = opt(4096, "Vocabulary size when training a BPE tokenizer.", min=260)
     max_length: int = opt(256, "Block length in tokens.", min=8)
     learning_rate: float = opt(1e-3, "Peak learning rate.", min=0.0)
-    val_split: float = opt(0.1, "Fraction of the text (its end) held back for validation.", min=0.0, max=0.5)
+    val_split: float = opt(0.1, "Share of the documents (a document ends at a blank line) held back for "
+                           "validation, spread through the text.", min=0.0, max=0.5)
     warmup_steps: int = opt(20, "Steps of linear warmup from 0 to --learning-rate.", min=0)
     weight_decay: float = opt(0.1, "Weight decay (decoupled for adamw).", min=0.0)
     text_column: str = opt("text", "JSONL/Parquet/datasets data: the column holding the text.")
