@@ -42,7 +42,11 @@ def _content(value, where_: str, i: int) -> str:
 
 class EmptyAnswer(LmtuneError):
     """A record whose answer is empty: skipped by `read` when other records have one (Alpaca itself holds a
-    few), refused when none does."""
+    few), refused when none does. `at` is where the record is (path:line), for `read`'s note."""
+
+    def __init__(self, at: str, why: str):
+        super().__init__(f"{at}: {why}")
+        self.at = at
 
 
 def _text(row: dict, key: str, where_: str, required: bool = True) -> str:
@@ -71,7 +75,7 @@ def to_messages(row: dict, path: str, targets: bool = True) -> list[dict]:
         if targets and not any(m["role"] == "assistant" for m in out):
             raise LmtuneError(f"{at}: 'messages' has no assistant turn to learn from")
         if targets and any(m["role"] == "assistant" and not m["content"].strip() for m in out):
-            raise EmptyAnswer(f"{at}: 'messages' has an empty assistant turn: nothing to learn from it")
+            raise EmptyAnswer(at, "'messages' has an empty assistant turn: nothing to learn from it")
         return out
     pairs = (("instruction", "output"), ("prompt", "completion"))
     for ask, answer in pairs:
@@ -85,7 +89,7 @@ def to_messages(row: dict, path: str, targets: bool = True) -> list[dict]:
             if answer in row:
                 reply = _text(row, answer, at)
                 if targets and not reply.strip():
-                    raise EmptyAnswer(f"{at}: field '{answer}' is empty: nothing to learn from this record")
+                    raise EmptyAnswer(at, f"field '{answer}' is empty: nothing to learn from this record")
                 msgs.append({"role": "assistant", "content": reply})
             return msgs
     fields = ", ".join(k for k in row if k != "_line") or "none"
@@ -222,7 +226,7 @@ def read(path: str, cfg, targets: bool = True) -> list[dict]:
     if empty and not kept:
         raise empty[0]
     if empty:  # a few empty answers in a real data set (Alpaca has them): left out, and said so
-        where_ = ", ".join(str(e).split(": ")[0] for e in empty[:3]) + (", ..." if len(empty) > 3 else "")
+        where_ = ", ".join(e.at for e in empty[:3]) + (", ..." if len(empty) > 3 else "")
         print(f"note: {len(empty)} of {len(rows)} records in {path} have an empty answer and are left out "
               f"({where_})", file=sys.stderr)
     return kept
