@@ -9,8 +9,9 @@ With --budget, each budget runs each of --tasks with lmtune's recipe (configs/) 
 and with the Hugging Face Trainer's defaults on the same model and the examples lmtune's task encodes, stopped
 by the clock; both scored by lmtune's evaluate. multi30k (English -> German, scratch:10m, test2016 BLEU,
 --gen-rows 0: all) also runs lmtune's other route, SmolLM2-135M with LoRA; sst2 (MiniLM-L6, GLUE dev accuracy)
-and xquad (MiniLM-L6 span head, F1 on the last 9 of 36 XQuAD-en articles, the first 27 train). --contenders
-picks some of recipe, trainer, pretrained.
+xquad (MiniLM-L6 span head, F1 on the last 9 of 36 XQuAD-en articles, the first 27 train) and instruct
+(SmolLM2-135M-Instruct LoRA on Alpaca against TRL's SFTTrainer with its defaults, the loss on the responses of
+the 50 held-back records). --contenders picks some of recipe, trainer (the peer), pretrained.
 
 Each fine-tune gets a CPU budget of --minutes of training: a 2-step probe measures the time a step takes
 here, and the run takes as many steps as fit in the budget (model loading and evaluation are extra; the
@@ -316,8 +317,87 @@ def xquad_budget(a, work: Path, budget: str) -> list[tuple]:
     return rows
 
 
+# lmtune's instruction recipe (configs/smollm2/135m_lora.yaml, the best trial of its sweep), less its --budget
+INSTRUCT_RECIPE = dict(task="instruct", model="smollm2-135m", lora=True, lora_r=16, lora_alpha=32,
+                       lora_targets="all-linear", max_length=512, batch_size=4, learning_rate=3.8e-4,
+                       warmup_steps=10, bf16=True, schedule="cosine")
+
+
+def _alpaca_split(work: Path, held_back: int = 50) -> tuple[str, str]:
+    """The Alpaca records less the last `held_back` (the sweep's 1%), and those: never trained on."""
+    rows = json.loads((DATA / "alpaca" / "alpaca_5000.json").read_text())
+    paths = []
+    for name, part in (("train", rows[:-held_back]), ("dev", rows[-held_back:])):
+        p = work / f"alpaca.{name}.json"
+        p.write_text(json.dumps(part))
+        paths.append(str(p))
+    return paths[0], paths[1]
+
+
+def instruct_budget(a, work: Path, budget: str) -> list[tuple]:
+    """Instruction following at one budget: lmtune's recipe (SmolLM2-135M-Instruct, LoRA) against TRL's
+    SFTTrainer with its defaults and the same LoRA (r 16, alpha 32, every linear layer), on the same records;
+    both scored by lmtune's evaluate: the loss per response token on the 50 held-back records (lower is
+    better)."""
+    from lmtune.config import FinetuneConfig
+    from lmtune.finetune import finetune
+    from lmtune.train.budget import parse_duration
+
+    train, dev = _alpaca_split(work)
+    rows, what = [], f"Alpaca held-back response loss (lower wins), {budget}"
+    if "recipe" in a.contenders:
+        out, t0 = work / f"alpaca-lmtune-{budget}", time.perf_counter()
+        finetune(FinetuneConfig(data=train, out=str(out), budget=budget, threads=a.threads, **INSTRUCT_RECIPE))
+        spent = time.perf_counter() - t0
+        r = _evaluate(str(out), "instruct", dev, max_length=512)
+        rows.append((what, "smollm2-135m lmtune recipe", r["loss"], "(no published figure)", spent))
+    if "trainer" in a.contenders:
+        peer, spent = _trl_sft(work, train, parse_duration(budget), a)
+        r = _evaluate(str(peer), "instruct", dev, max_length=512)
+        rows.append((what, "smollm2-135m TRL SFTTrainer", r["loss"], "(peer, same budget)", spent))
+    return rows
+
+
+def _trl_sft(work: Path, train: str, seconds: float, a) -> tuple[Path, float]:
+    """TRL's SFTTrainer with its defaults (batch 8, lr 2e-5, linear over 3 epochs, bf16 and gradient
+    checkpointing on, the loss on the completions) and lmtune's LoRA shape, on the Alpaca records as
+    prompt/completion conversations, stopped by the clock like the Trainer above; saved merged, as lmtune
+    saves a full model."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from lmtune import models
+    from lmtune.tasks import instruct
+
+    t0 = time.perf_counter()
+    records = [{"prompt": [{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r.get("input")
+                                                                            else "")}],
+                "completion": [{"role": "assistant", "content": r["output"]}]} for r in json.loads(Path(train).read_text())]
+    model, tok = models.load_causal_lm("smollm2-135m")
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if time.perf_counter() - t0 > seconds - 10:
+                control.should_training_stop = True
+
+    args = SFTConfig(output_dir=str(work / "sft-tmp"), save_strategy="no", report_to=[], use_cpu=True,
+                     logging_steps=100, disable_tqdm=True)  # all else: TRL's defaults
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok,
+                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"), callbacks=[Clock()])
+    trainer.train()
+    out = work / "alpaca-trl-sft"
+    out.mkdir(parents=True, exist_ok=True)
+    merged = trainer.model.merge_and_unload().float()
+    models.save_model(merged, tok, out, {"task": "instruct", "head": instruct.HEAD, "kind": "decoder",
+                                         "base_model": "smollm2-135m", "lora": False})
+    return out, time.perf_counter() - t0
+
+
 BUDGET_RUNS = {"multi30k": multi30k_budget, "sst2": sst2_budget,
-               "xquad": xquad_budget}
+               "xquad": xquad_budget, "instruct": instruct_budget}
 
 
 RUNS = {"sst2": sst2, "multi30k": multi30k, "xquad-ext": xquad_extractive, "xquad-gen": xquad_generative,
@@ -336,7 +416,7 @@ def main() -> None:
     p.add_argument("--tasks", default="multi30k", help=f"with --budget: comma-separated subset of "
                    f"{','.join(BUDGET_RUNS)}")
     p.add_argument("--contenders", default="recipe,trainer,pretrained",
-                   help="with --budget: recipe (lmtune, scratch:10m), trainer (HF Trainer, same model), "
+                   help="with --budget: recipe (lmtune), trainer (the peer: HF Trainer or TRL SFTTrainer, same model), "
                         "pretrained (lmtune, SmolLM2-135M LoRA)")
     p.add_argument("--sst2-model", default="minilm-l6", choices=("minilm-l6", "smollm2-135m"),
                    help="with --budget and sst2: the model both contenders fine-tune")
@@ -376,9 +456,10 @@ def by_budget(a) -> None:
         print(f"{bench:<48} {who:<28} {value:>6.2f}  {wall / 60:>5.1f}m  {published}")
     for bench in dict.fromkeys(row[0] for row in table):  # lmtune's recipe against the Trainer, each budget
         ours = [v for b, who, v, *_ in table if b == bench and who.endswith("lmtune recipe")]
-        peer = [v for b, who, v, *_ in table if b == bench and who.endswith("HF Trainer")]
+        peer = [(who, v) for b, who, v, published, _ in table if b == bench and published.startswith("(peer")]
         if ours and peer:
-            print(f"{bench}: lmtune - HF Trainer = {ours[0] - peer[0]:+.2f} ({ours[0] / max(peer[0], 1e-9):.2f}x)")
+            name, value = peer[0][0].split(" ", 1)[1], peer[0][1]
+            print(f"{bench}: lmtune - {name} = {ours[0] - value:+.2f} ({ours[0] / max(value, 1e-9):.2f}x)")
 
 
 if __name__ == "__main__":
