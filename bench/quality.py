@@ -371,10 +371,10 @@ def _trl_sft(work: Path, train: str, seconds: float, a) -> tuple[Path, float]:
     from lmtune import models
     from lmtune.tasks import instruct
 
+    from throughput import alpaca_records  # bench/throughput.py: Alpaca records as TRL's conversations
+
     t0 = time.perf_counter()
-    records = [{"prompt": [{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r.get("input")
-                                                                            else "")}],
-                "completion": [{"role": "assistant", "content": r["output"]}]} for r in json.loads(Path(train).read_text())]
+    records = alpaca_records(len(json.loads(Path(train).read_text())))  # the same first records as `train`
     model, tok = models.load_causal_lm("smollm2-135m")
 
     class Clock(TrainerCallback):
