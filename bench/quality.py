@@ -177,21 +177,28 @@ def multi30k_budget(a, work: Path, budget: str) -> list[tuple]:
     return rows
 
 
-def _hf_trainer(model, examples, to_batch, t0: float, seconds: float, work: Path, name: str) -> None:
-    """The Hugging Face Trainer with its defaults (batch 8, lr 5e-5, linear decay over 3 epochs, fp32, no
-    warmup) on lmtune's model and encoded examples, stopped when `seconds` have passed since `t0` (less a few
-    seconds to save), or at the end of its 3 epochs, whichever comes first."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+def _clock(t0: float, seconds: float):
+    """A Trainer callback that stops training once `seconds` have passed since `t0`, less a few to save."""
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if time.perf_counter() - t0 > seconds - 10:
                 control.should_training_stop = True
+    return Clock()
+
+
+def _hf_trainer(model, examples, to_batch, t0: float, seconds: float, work: Path, name: str) -> None:
+    """The Hugging Face Trainer with its defaults (batch 8, lr 5e-5, linear decay over 3 epochs, fp32, no
+    warmup) on lmtune's model and encoded examples, stopped when `seconds` have passed since `t0` (less a few
+    seconds to save), or at the end of its 3 epochs, whichever comes first."""
+    from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(work / f"{name}-tmp"), save_strategy="no", report_to=[],
                              use_cpu=True, logging_steps=100, disable_tqdm=True,
                              remove_unused_columns=False)  # all else: the defaults (this one: lmtune targets)
-    Trainer(model=model, args=args, train_dataset=examples, data_collator=to_batch, callbacks=[Clock()]).train()
+    Trainer(model=model, args=args, train_dataset=examples, data_collator=to_batch,
+            callbacks=[_clock(t0, seconds)]).train()
 
 
 def _hf_trainer_translate(work: Path, train: str, seconds: float, a) -> tuple[Path, float]:
@@ -352,20 +359,19 @@ def instruct_budget(a, work: Path, budget: str) -> list[tuple]:
         r = _evaluate(str(out), "instruct", dev, max_length=512)
         rows.append((what, "smollm2-135m lmtune recipe", r["loss"], "(no published figure)", spent))
     if "trainer" in a.contenders:
-        peer, spent = _trl_sft(work, train, parse_duration(budget), a)
+        peer, spent = _trl_sft(work, train, parse_duration(budget))
         r = _evaluate(str(peer), "instruct", dev, max_length=512)
         rows.append((what, "smollm2-135m TRL SFTTrainer", r["loss"], "(peer, same budget)", spent))
     return rows
 
 
-def _trl_sft(work: Path, train: str, seconds: float, a) -> tuple[Path, float]:
+def _trl_sft(work: Path, train: str, seconds: float) -> tuple[Path, float]:
     """TRL's SFTTrainer with its defaults (batch 8, lr 2e-5, linear over 3 epochs, bf16 and gradient
     checkpointing on, the loss on the completions) and lmtune's LoRA shape, on the Alpaca records as
-    prompt/completion conversations, stopped by the clock like the Trainer above; saved merged, as lmtune
+    prompt/completion conversations, stopped by the same clock as the Trainer above; saved merged, as lmtune
     saves a full model."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from lmtune import models
@@ -377,16 +383,11 @@ def _trl_sft(work: Path, train: str, seconds: float, a) -> tuple[Path, float]:
     records = alpaca_records(len(json.loads(Path(train).read_text())))  # the same first records as `train`
     model, tok = models.load_causal_lm("smollm2-135m")
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if time.perf_counter() - t0 > seconds - 10:
-                control.should_training_stop = True
-
     args = SFTConfig(output_dir=str(work / "sft-tmp"), save_strategy="no", report_to=[], use_cpu=True,
                      logging_steps=100, disable_tqdm=True)  # all else: TRL's defaults
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok,
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                task_type="CAUSAL_LM"), callbacks=[Clock()])
+                                                task_type="CAUSAL_LM"), callbacks=[_clock(t0, seconds)])
     trainer.train()
     out = work / "alpaca-trl-sft"
     out.mkdir(parents=True, exist_ok=True)
