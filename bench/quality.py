@@ -139,9 +139,21 @@ def _multi30k_files(work: Path, split: str, rows: int = 0) -> str:
     return ",".join(out)
 
 
-# lmtune's translation recipe (configs/translate/multi30k_en_de_scratch10m.yaml, less its --budget)
-SCRATCH_RECIPE = dict(task="translate", model="scratch:10m", batch_size=64, learning_rate=1e-3, warmup_steps=100,
-                      schedule="cosine", bf16=True, max_length=128, max_new_tokens=48, eval_every=400)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _recipe(config: str, **bench):
+    """lmtune's recipe: the FinetuneConfig that `lmtune finetune --config configs/<config>` builds, with the
+    bench's own settings over it (its data, output and budget, and where it validates or saves otherwise), so
+    that the bench runs the very hyperparameters a user runs."""
+    from lmtune.config import FinetuneConfig
+    from lmtune.config.options import build, read_yaml
+
+    path = str(CONFIGS / config)
+    return build(FinetuneConfig, read_yaml(path), path, bench)
+
+
+SCRATCH_CONFIG = "translate/multi30k_en_de_scratch10m.yaml"  # lmtune's translation recipe
 
 
 def multi30k_budget(a, work: Path, budget: str) -> list[tuple]:
@@ -157,8 +169,7 @@ def multi30k_budget(a, work: Path, budget: str) -> list[tuple]:
     rows, what = [], f"Multi30k en-de test2016 BLEU, {budget}"
     if "recipe" in a.contenders:
         out, t0 = work / f"m30k-lmtune-{budget}", time.perf_counter()
-        finetune(FinetuneConfig(data=train, eval_data=val, out=str(out), budget=budget, threads=a.threads,
-                                **SCRATCH_RECIPE))
+        finetune(_recipe(SCRATCH_CONFIG, data=train, eval_data=val, out=str(out), budget=budget, threads=a.threads))
         spent = time.perf_counter() - t0
         r = _evaluate(str(out / "best"), "translate", test, limit=a.gen_rows, max_new_tokens=48, batch_size=32)
         rows.append((what, "scratch:10m lmtune recipe", r["bleu"], "from scratch (GPU): about 30-35", spent))
@@ -205,12 +216,11 @@ def _hf_trainer_translate(work: Path, train: str, seconds: float, a) -> tuple[Pa
     """The Trainer's defaults on lmtune's scratch:10m model and encoded pairs (the clock counts from building
     the tokenizer and model)."""
     from lmtune import models
-    from lmtune.config import FinetuneConfig
     from lmtune.data.batching import collate
     from lmtune.tasks import translate
 
     t0 = time.perf_counter()
-    cfg = FinetuneConfig(data=train, out=str(work / "unused"), **SCRATCH_RECIPE)
+    cfg = _recipe(SCRATCH_CONFIG, data=train, eval_data="", budget="", out=str(work / "unused"))
     rows = translate.read(train, cfg)
     model, tok, meta = translate.scratch(cfg.model, cfg, rows)
     examples = translate.encode(rows, tok, cfg, meta, train)
@@ -259,25 +269,18 @@ def _hf_trainer_encoder(work: Path, task: str, train: str, seconds: float, name:
     return out, time.perf_counter() - t0
 
 
-# lmtune's sentiment recipe (configs/classify/sst2_minilm.yaml, the best trial of its sweep), less its --budget,
-# data and validation (the final model is scored)
-SST2_RECIPE = dict(task="classify", model="minilm-l6", text_column="sentence", batch_size=32, learning_rate=4.17e-5,
-                   warmup_steps=0, schedule="cosine", bf16=True, max_length=64)
-# the same task on SmolLM2-135M-Instruct with LoRA (its classification head trained whole): the 10-minute
-# probe's settings (87.84 dev accuracy at 10 minutes)
-SST2_SMOLLM2_RECIPE = dict(task="classify", model="smollm2-135m", lora=True, text_column="sentence", batch_size=32,
-                           learning_rate=4e-4, warmup_steps=30, schedule="cosine", bf16=True, max_length=64)
-# lmtune's extractive QA recipe (configs/qa/xquad_minilm.yaml, the best trial of its sweep), less its --budget,
-# data and validation
-XQUAD_RECIPE = dict(task="qa", model="minilm-l6", batch_size=8, learning_rate=1.17e-4, warmup_steps=0,
-                    schedule="cosine", max_length=384, doc_stride=64)
+# lmtune's sentiment recipes (MiniLM-L6: the best trial of its sweep; SmolLM2-135M-Instruct with LoRA, its
+# classification head trained whole) and extractive QA recipe (the best trial of its sweep). The bench trains on
+# all its training data, never validates and scores the final model: no dev file, held-back share or checkpoints.
+SST2_CONFIGS = {"minilm-l6": "classify/sst2_minilm.yaml", "smollm2-135m": "classify/sst2_smollm2.yaml"}
+XQUAD_CONFIG = "qa/xquad_minilm.yaml"
+NO_VALIDATION = dict(eval_data="", val_split=0.0, eval_every=0, save_every=10**9)
 
 
 def sst2_budget(a, work: Path, budget: str) -> list[tuple]:
     """SST-2 at one budget: lmtune's recipe against the Trainer with run_glue's defaults (dynamic padding
     here, the stronger setting: run_glue pads to 128; a full fine-tune), on the same model (--sst2-model,
     MiniLM-L6 by default), scored on the GLUE dev sentences."""
-    from lmtune.config import FinetuneConfig
     from lmtune.finetune import finetune
     from lmtune.train.budget import parse_duration
 
@@ -285,9 +288,8 @@ def sst2_budget(a, work: Path, budget: str) -> list[tuple]:
     rows, what = [], f"SST-2 dev accuracy, {budget}"
     if "recipe" in a.contenders:
         out, t0 = work / f"sst2-lmtune-{budget}", time.perf_counter()
-        recipe = SST2_SMOLLM2_RECIPE if a.sst2_model == "smollm2-135m" else SST2_RECIPE
-        finetune(FinetuneConfig(data=train, out=str(out), budget=budget, threads=a.threads, save_every=10**9,
-                                **recipe))
+        finetune(_recipe(SST2_CONFIGS[a.sst2_model], data=train, out=str(out), budget=budget, threads=a.threads,
+                         **NO_VALIDATION))
         spent = time.perf_counter() - t0
         r = _evaluate(str(out), "classify", dev, text_column="sentence", max_length=128)
         rows.append((what, f"{a.sst2_model} lmtune recipe", r["accuracy"], "DistilBERT 91.3 (GPU)", spent))
@@ -302,7 +304,6 @@ def sst2_budget(a, work: Path, budget: str) -> list[tuple]:
 def xquad_budget(a, work: Path, budget: str) -> list[tuple]:
     """Extractive QA at one budget on XQuAD-en split by article (27 train, 9 dev): lmtune's recipe against the
     Trainer with run_qa's defaults (384-token windows, stride 128), MiniLM-L6 both, F1 on the dev articles."""
-    from lmtune.config import FinetuneConfig
     from lmtune.finetune import finetune
     from lmtune.train.budget import parse_duration
 
@@ -310,11 +311,10 @@ def xquad_budget(a, work: Path, budget: str) -> list[tuple]:
     rows, what = [], f"XQuAD-en dev F1 (9 unseen articles), {budget}"
     if "recipe" in a.contenders:
         out, t0 = work / f"xquad-lmtune-{budget}", time.perf_counter()
-        finetune(FinetuneConfig(data=train, out=str(out), budget=budget, threads=a.threads, save_every=10**9,
-                                **XQUAD_RECIPE))
+        cfg = _recipe(XQUAD_CONFIG, data=train, out=str(out), budget=budget, threads=a.threads, **NO_VALIDATION)
+        finetune(cfg)
         spent = time.perf_counter() - t0
-        r = _evaluate(str(out), "qa", dev, max_length=XQUAD_RECIPE["max_length"],
-                      doc_stride=XQUAD_RECIPE["doc_stride"])
+        r = _evaluate(str(out), "qa", dev, max_length=cfg.max_length, doc_stride=cfg.doc_stride)
         rows.append((what, "minilm-l6 lmtune recipe", r["f1"], "mBERT 83.5 (after SQuAD)", spent))
     if "trainer" in a.contenders:
         peer, spent = _hf_trainer_encoder(work, "qa", train, parse_duration(budget), f"xquad-{budget}",
@@ -324,10 +324,7 @@ def xquad_budget(a, work: Path, budget: str) -> list[tuple]:
     return rows
 
 
-# lmtune's instruction recipe (configs/smollm2/135m_lora.yaml, the best trial of its sweep), less its --budget
-INSTRUCT_RECIPE = dict(task="instruct", model="smollm2-135m", lora=True, lora_r=16, lora_alpha=32,
-                       lora_targets="all-linear", max_length=512, batch_size=4, learning_rate=3.8e-4,
-                       warmup_steps=10, bf16=True, schedule="cosine")
+INSTRUCT_CONFIG = "smollm2/135m_lora.yaml"  # lmtune's instruction recipe, the best trial of its sweep
 
 
 def _alpaca_split(work: Path, held_back: int = 50) -> tuple[str, str]:
@@ -346,7 +343,6 @@ def instruct_budget(a, work: Path, budget: str) -> list[tuple]:
     SFTTrainer with its defaults and the same LoRA (r 16, alpha 32, every linear layer), on the same records;
     both scored by lmtune's evaluate: the loss per response token on the 50 held-back records (lower is
     better)."""
-    from lmtune.config import FinetuneConfig
     from lmtune.finetune import finetune
     from lmtune.train.budget import parse_duration
 
@@ -354,7 +350,8 @@ def instruct_budget(a, work: Path, budget: str) -> list[tuple]:
     rows, what = [], f"Alpaca held-back response loss (lower wins), {budget}"
     if "recipe" in a.contenders:
         out, t0 = work / f"alpaca-lmtune-{budget}", time.perf_counter()
-        finetune(FinetuneConfig(data=train, out=str(out), budget=budget, threads=a.threads, **INSTRUCT_RECIPE))
+        # checkpoints every 100 steps (the default), where the config saves every 50
+        finetune(_recipe(INSTRUCT_CONFIG, data=train, out=str(out), budget=budget, threads=a.threads, save_every=100))
         spent = time.perf_counter() - t0
         r = _evaluate(str(out), "instruct", dev, max_length=512)
         rows.append((what, "smollm2-135m lmtune recipe", r["loss"], "(no published figure)", spent))
