@@ -32,9 +32,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = Path(os.environ.get("LMTUNE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+class Row(NamedTuple):
+    """One contender's score at one budget; role says which side of the comparison it is on."""
+    bench: str
+    who: str
+    value: float
+    published: str
+    wall: float  # seconds, loading, training and scoring
+    role: str  # "recipe" (lmtune's config), "peer" (the Trainer or TRL at the same budget), "other"
 
 
 def _finetune(budget_min: float, work: Path, name: str, **kw) -> Path:
@@ -70,7 +81,7 @@ def _xquad_split(work: Path) -> tuple[str, str]:
         p = work / f"xquad.{name}.json"
         p.write_text(json.dumps({"version": "1.1", "data": arts}))
         paths.append(str(p))
-    return paths[0], paths[1]
+    return paths[0], paths[1], len(rows) - held_back
 
 
 def sst2(a, work: Path) -> list[tuple]:
@@ -156,7 +167,7 @@ def _recipe(config: str, **bench):
 SCRATCH_CONFIG = "translate/multi30k_en_de_scratch10m.yaml"  # lmtune's translation recipe
 
 
-def multi30k_budget(a, work: Path, budget: str) -> list[tuple]:
+def multi30k_budget(a, work: Path, budget: str) -> list[Row]:
     """English -> German at one wall-clock budget: lmtune's recipe (scratch:10m) against the Hugging Face
     Trainer with its defaults on the same model (the same tokenizer, layout, weights at the start and
     encoded pairs), both stopped by the clock, both scored by lmtune's evaluate on test2016."""
@@ -172,11 +183,11 @@ def multi30k_budget(a, work: Path, budget: str) -> list[tuple]:
         finetune(_recipe(SCRATCH_CONFIG, data=train, eval_data=val, out=str(out), budget=budget, threads=a.threads))
         spent = time.perf_counter() - t0
         r = _evaluate(str(out / "best"), "translate", test, limit=a.gen_rows, max_new_tokens=48, batch_size=32)
-        rows.append((what, "scratch:10m lmtune recipe", r["bleu"], "from scratch (GPU): about 30-35", spent))
+        rows.append(Row(what, "scratch:10m lmtune recipe", r["bleu"], "from scratch (GPU): about 30-35", spent, "recipe"))
     if "trainer" in a.contenders:
         peer_dir, spent = _hf_trainer_translate(work, train, parse_duration(budget), a)
         r = _evaluate(str(peer_dir), "translate", test, limit=a.gen_rows, max_new_tokens=48, batch_size=32)
-        rows.append((what, "scratch:10m HF Trainer", r["bleu"], "(peer, same budget)", spent))
+        rows.append(Row(what, "scratch:10m HF Trainer", r["bleu"], "(peer, same budget)", spent, "peer"))
     if "pretrained" in a.contenders:  # the other way lmtune could go: a pretrained English model, LoRA
         out, t0 = work / f"m30k-smollm2-{budget}", time.perf_counter()
         finetune(FinetuneConfig(task="translate", model="smollm2-135m", lora=True, data=train, out=str(out),
@@ -184,7 +195,7 @@ def multi30k_budget(a, work: Path, budget: str) -> list[tuple]:
                                 threads=a.threads, retain_data="none"))
         spent = time.perf_counter() - t0
         r = _evaluate(str(out), "translate", test, limit=a.gen_rows, max_new_tokens=48, batch_size=16)
-        rows.append((what, "smollm2-135m LoRA lmtune", r["bleu"], "(the pretrained route)", spent))
+        rows.append(Row(what, "smollm2-135m LoRA lmtune", r["bleu"], "(the pretrained route)", spent, "other"))
     return rows
 
 
@@ -277,7 +288,7 @@ XQUAD_CONFIG = "qa/xquad_minilm.yaml"
 NO_VALIDATION = dict(eval_data="", val_split=0.0, eval_every=0, save_every=10**9)
 
 
-def sst2_budget(a, work: Path, budget: str) -> list[tuple]:
+def sst2_budget(a, work: Path, budget: str) -> list[Row]:
     """SST-2 at one budget: lmtune's recipe against the Trainer with run_glue's defaults (dynamic padding
     here, the stronger setting: run_glue pads to 128; a full fine-tune), on the same model (--sst2-model,
     MiniLM-L6 by default), scored on the GLUE dev sentences."""
@@ -292,16 +303,16 @@ def sst2_budget(a, work: Path, budget: str) -> list[tuple]:
                          **NO_VALIDATION))
         spent = time.perf_counter() - t0
         r = _evaluate(str(out), "classify", dev, text_column="sentence", max_length=128)
-        rows.append((what, f"{a.sst2_model} lmtune recipe", r["accuracy"], "DistilBERT 91.3 (GPU)", spent))
+        rows.append(Row(what, f"{a.sst2_model} lmtune recipe", r["accuracy"], "DistilBERT 91.3 (GPU)", spent, "recipe"))
     if "trainer" in a.contenders:
         peer, spent = _hf_trainer_encoder(work, "classify", train, parse_duration(budget), f"sst2-{budget}",
                                           model=a.sst2_model, text_column="sentence", max_length=128)
         r = _evaluate(str(peer), "classify", dev, text_column="sentence", max_length=128)
-        rows.append((what, f"{a.sst2_model} HF Trainer", r["accuracy"], "(peer, same budget)", spent))
+        rows.append(Row(what, f"{a.sst2_model} HF Trainer", r["accuracy"], "(peer, same budget)", spent, "peer"))
     return rows
 
 
-def xquad_budget(a, work: Path, budget: str) -> list[tuple]:
+def xquad_budget(a, work: Path, budget: str) -> list[Row]:
     """Extractive QA at one budget on XQuAD-en split by article (27 train, 9 dev): lmtune's recipe against the
     Trainer with run_qa's defaults (384-token windows, stride 128), MiniLM-L6 both, F1 on the dev articles."""
     from lmtune.finetune import finetune
@@ -315,30 +326,31 @@ def xquad_budget(a, work: Path, budget: str) -> list[tuple]:
         finetune(cfg)
         spent = time.perf_counter() - t0
         r = _evaluate(str(out), "qa", dev, max_length=cfg.max_length, doc_stride=cfg.doc_stride)
-        rows.append((what, "minilm-l6 lmtune recipe", r["f1"], "mBERT 83.5 (after SQuAD)", spent))
+        rows.append(Row(what, "minilm-l6 lmtune recipe", r["f1"], "mBERT 83.5 (after SQuAD)", spent, "recipe"))
     if "trainer" in a.contenders:
         peer, spent = _hf_trainer_encoder(work, "qa", train, parse_duration(budget), f"xquad-{budget}",
                                           model="minilm-l6", max_length=384, doc_stride=128)
         r = _evaluate(str(peer), "qa", dev, max_length=384, doc_stride=128)
-        rows.append((what, "minilm-l6 HF Trainer", r["f1"], "(peer, same budget)", spent))
+        rows.append(Row(what, "minilm-l6 HF Trainer", r["f1"], "(peer, same budget)", spent, "peer"))
     return rows
 
 
 INSTRUCT_CONFIG = "smollm2/135m_lora.yaml"  # lmtune's instruction recipe, the best trial of its sweep
 
 
-def _alpaca_split(work: Path, held_back: int = 50) -> tuple[str, str]:
-    """The Alpaca records less the last `held_back` (the sweep's 1%), and those: never trained on."""
+def _alpaca_split(work: Path, held_back: int = 50) -> tuple[str, str, int]:
+    """The Alpaca records less the last `held_back` (the sweep's 1%), and those: never trained on; and how
+    many records the first file holds."""
     rows = json.loads((DATA / "alpaca" / "alpaca_5000.json").read_text())
     paths = []
     for name, part in (("train", rows[:-held_back]), ("dev", rows[-held_back:])):
         p = work / f"alpaca.{name}.json"
         p.write_text(json.dumps(part))
         paths.append(str(p))
-    return paths[0], paths[1]
+    return paths[0], paths[1], len(rows) - held_back
 
 
-def instruct_budget(a, work: Path, budget: str) -> list[tuple]:
+def instruct_budget(a, work: Path, budget: str) -> list[Row]:
     """Instruction following at one budget: lmtune's recipe (SmolLM2-135M-Instruct, LoRA) against TRL's
     SFTTrainer with its defaults and the same LoRA (r 16, alpha 32, every linear layer), on the same records;
     both scored by lmtune's evaluate: the loss per response token on the 50 held-back records (lower is
@@ -346,7 +358,7 @@ def instruct_budget(a, work: Path, budget: str) -> list[tuple]:
     from lmtune.finetune import finetune
     from lmtune.train.budget import parse_duration
 
-    train, dev = _alpaca_split(work)
+    train, dev, n_train = _alpaca_split(work)
     rows, what = [], f"Alpaca held-back response loss (lower wins), {budget}"
     if "recipe" in a.contenders:
         out, t0 = work / f"alpaca-lmtune-{budget}", time.perf_counter()
@@ -354,15 +366,15 @@ def instruct_budget(a, work: Path, budget: str) -> list[tuple]:
         finetune(_recipe(INSTRUCT_CONFIG, data=train, out=str(out), budget=budget, threads=a.threads, save_every=100))
         spent = time.perf_counter() - t0
         r = _evaluate(str(out), "instruct", dev, max_length=512)
-        rows.append((what, "smollm2-135m lmtune recipe", r["loss"], "(no published figure)", spent))
+        rows.append(Row(what, "smollm2-135m lmtune recipe", r["loss"], "(no published figure)", spent, "recipe"))
     if "trainer" in a.contenders:
-        peer, spent = _trl_sft(work, train, parse_duration(budget))
+        peer, spent = _trl_sft(work, n_train, parse_duration(budget))
         r = _evaluate(str(peer), "instruct", dev, max_length=512)
-        rows.append((what, "smollm2-135m TRL SFTTrainer", r["loss"], "(peer, same budget)", spent))
+        rows.append(Row(what, "smollm2-135m TRL SFTTrainer", r["loss"], "(peer, same budget)", spent, "peer"))
     return rows
 
 
-def _trl_sft(work: Path, train: str, seconds: float) -> tuple[Path, float]:
+def _trl_sft(work: Path, n_records: int, seconds: float) -> tuple[Path, float]:
     """TRL's SFTTrainer with its defaults (batch 8, lr 2e-5, linear over 3 epochs, bf16 and gradient
     checkpointing on, the loss on the completions) and lmtune's LoRA shape, on the Alpaca records as
     prompt/completion conversations, stopped by the same clock as the Trainer above; saved merged, as lmtune
@@ -377,7 +389,7 @@ def _trl_sft(work: Path, train: str, seconds: float) -> tuple[Path, float]:
     from throughput import alpaca_records  # bench/throughput.py: Alpaca records as TRL's conversations
 
     t0 = time.perf_counter()
-    records = alpaca_records(len(json.loads(Path(train).read_text())))  # the same first records as `train`
+    records = alpaca_records(n_records)  # the first n_records: the records lmtune's recipe trains on
     model, tok = models.load_causal_lm("smollm2-135m")
 
     args = SFTConfig(output_dir=str(work / "sft-tmp"), save_strategy="no", report_to=[], use_cpu=True,
@@ -446,18 +458,18 @@ def by_budget(a) -> None:
             for task in a.tasks.split(","):
                 for row in BUDGET_RUNS[task](a, Path(tmp), budget):
                     table.append(row)
-                    print(f"[{budget}] {row[0]} {row[1]}: {row[2]:.2f} in {row[4] / 60:.1f} min", file=sys.stderr,
+                    print(f"[{budget}] {row.bench} {row.who}: {row.value:.2f} in {row.wall / 60:.1f} min", file=sys.stderr,
                           flush=True)
     print(f"\nquality at equal wall-clock budgets, {a.gen_rows or 'all'} generated rows\n")
     print(f"{'benchmark':<48} {'contender':<28} {'value':>6}  {'wall':>6}  published")
-    for bench, who, value, published, wall in table:
-        print(f"{bench:<48} {who:<28} {value:>6.2f}  {wall / 60:>5.1f}m  {published}")
-    for bench in dict.fromkeys(row[0] for row in table):  # lmtune's recipe against the Trainer, each budget
-        ours = [v for b, who, v, *_ in table if b == bench and who.endswith("lmtune recipe")]
-        peer = [(who, v) for b, who, v, published, _ in table if b == bench and published.startswith("(peer")]
+    for row in table:
+        print(f"{row.bench:<48} {row.who:<28} {row.value:>6.2f}  {row.wall / 60:>5.1f}m  {row.published}")
+    for bench in dict.fromkeys(row.bench for row in table):  # lmtune's recipe against the peer, each budget
+        ours = [row for row in table if row.bench == bench and row.role == "recipe"]
+        peer = [row for row in table if row.bench == bench and row.role == "peer"]
         if ours and peer:
-            name, value = peer[0][0].split(" ", 1)[1], peer[0][1]
-            print(f"{bench}: lmtune - {name} = {ours[0] - value:+.2f} ({ours[0] / max(value, 1e-9):.2f}x)")
+            name, value = peer[0].who.split(" ", 1)[1], peer[0].value
+            print(f"{bench}: lmtune - {name} = {ours[0].value - value:+.2f} ({ours[0].value / max(value, 1e-9):.2f}x)")
 
 
 if __name__ == "__main__":
