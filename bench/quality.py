@@ -44,7 +44,7 @@ class Row(NamedTuple):
     who: str
     value: float
     published: str
-    wall: float  # seconds, loading, training and scoring
+    wall: float  # seconds of loading, training and saving (scoring not counted)
     role: str  # "recipe" (lmtune's config), "peer" (the Trainer or TRL at the same budget), "other"
 
 
