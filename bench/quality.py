@@ -81,7 +81,7 @@ def _xquad_split(work: Path) -> tuple[str, str]:
         p = work / f"xquad.{name}.json"
         p.write_text(json.dumps({"version": "1.1", "data": arts}))
         paths.append(str(p))
-    return paths[0], paths[1], len(rows) - held_back
+    return paths[0], paths[1]
 
 
 def sst2(a, work: Path) -> list[tuple]:
