@@ -71,25 +71,45 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 class StopText:
     """Token ids to text deltas; cuts at a stop string, and holds back text that might begin one
-    (or an incomplete UTF-8 character) until it is sure."""
+    (or an incomplete UTF-8 character) until it is sure.
+
+    Each token decodes only a short window (the ids since the last few that made text), not the whole
+    sequence: decoding everything again at every token cost 0.02 ms a token at 64 tokens and 0.39 ms at
+    2,048 here, growing with the answer. The window starts one step back (`prefix`) so that a tokenizer
+    that drops a leading space at the start of a decode (SentencePiece) still gives the right delta."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tok, self.stop, self.ids, self.text, self.sent = tokenizer, stop, [], "", 0
+        self.prefix = self.read = 0  # ids[prefix:read] decode to the end of self.text; ids[read:] not yet text
         self.stopped = self.done = False
         self.hold = max((len(s) for s in stop), default=1) - 1
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        self.text = self.tok.decode(self.ids, skip_special_tokens=True)
-        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        new = self._pending()
+        if not new or new.endswith("\ufffd"):  # no text yet, or half a character: wait for the next token
+            return ""
+        start = max(len(self.text) - self.hold, 0)  # a new stop string ends in the new text
+        self.text += new
+        self.prefix, self.read = self.read, len(self.ids)
+        cuts = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if cuts:
             self.text, self.stopped = self.text[:min(cuts)], True
             return self.flush()
-        safe = len(self.text) - self.hold - (1 if self.text.endswith("\ufffd") else 0)
-        return self._take(max(safe, self.sent))
+        return self._take(max(len(self.text) - self.hold, self.sent))
 
     def flush(self) -> str:
+        """The rest of the text; at the end of an answer, also what the last ids make (as a whole decode would)."""
+        if not self.stopped:
+            self.text += self._pending()
+            self.prefix = self.read = len(self.ids)
         return self._take(len(self.text))
+
+    def _pending(self) -> str:
+        """The text the ids after `read` add (empty when they make none yet)."""
+        done = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        window = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        return window[len(done):] if len(window) > len(done) else ""
 
     def _take(self, end: int) -> str:
         delta, self.sent = self.text[self.sent:end], end
