@@ -31,8 +31,10 @@ def slots(decoder, size: int, max_len: int):
 class StaticSlots:
     def __init__(self, runner, size: int, max_len: int):
         self.runner, self.size, self.max_len = runner, size, max_len
-        self.lens: list[int] = []  # tokens in the cache, per running row
-        self.length, self.valid = 0, None  # allocated positions; (size, length) which slots hold a token
+        # tokens in the cache, per running row: row i holds positions 0..lens[i]-1 and nothing else (a prompt
+        # starts at 0 and `remove` copies a row whole), so its mask is just `position < length`
+        self.lens: list[int] = []
+        self.length = 0  # allocated positions
 
     @property
     def n(self) -> int:
@@ -51,10 +53,7 @@ class StaticSlots:
             self.runner.grow(new)
         else:
             self.runner.reset(self.size, new)
-        valid = torch.zeros((self.size, new), dtype=torch.bool)
-        if self.valid is not None:
-            valid[:, :self.length] = self.valid
-        self.length, self.valid = new, valid
+        self.length = new
 
     def add(self, prompts: list[list[int]], budgets: list[int]):
         """Prefill `prompts` into the next free rows, each with room for its `budgets` more tokens; their
@@ -66,8 +65,6 @@ class StaticSlots:
         ids = torch.zeros((k, S), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
-            self.valid[n + i] = False
-            self.valid[n + i, :len(p)] = True
         causal = torch.ones(S, S, dtype=torch.bool).tril()[None, None]
         last = torch.tensor([len(p) - 1 for p in prompts])
         logits = self.runner.forward(ids, torch.arange(S).expand(k, S), causal, torch.arange(S), S,
@@ -79,10 +76,10 @@ class StaticSlots:
         """Feed each running row its next token (n,); the logits after it (n, vocab)."""
         n = self.n
         at = torch.tensor(self.lens)[:, None]  # each row's next slot, which is also its position
-        self.valid[torch.arange(n), at[:, 0]] = True
         kv_len = max(self.lens) + 1
-        logits = self.runner.forward(torch.as_tensor(tokens)[:, None], at, self.valid[:n, None, None, :kv_len],
-                                     at, kv_len, rows=slice(0, n))
+        mask = torch.arange(kv_len) <= at  # (n, kv_len): its filled positions and the new one
+        logits = self.runner.forward(torch.as_tensor(tokens)[:, None], at, mask[:, None, None], at, kv_len,
+                                     rows=slice(0, n))
         self.lens = [x + 1 for x in self.lens]
         return logits
 
@@ -92,7 +89,6 @@ class StaticSlots:
         if row != last:
             m, r = self.lens[last], self.runner
             r.k[:, row, :, :m], r.v[:, row, :, :m] = r.k[:, last, :, :m], r.v[:, last, :, :m]
-            self.valid[row] = self.valid[last]
             self.lens[row] = m
         self.lens.pop()
 
