@@ -7,7 +7,11 @@ continuation of 8 chat prompts with lmtune's own (the fp32 model, `lmtune.genera
 
 Required: f16 equal on 8 of 8 prompts, q8_0 on at least 7 of 8 (q4_0 is reported, not required: 4-bit
 weights change some greedy choices). Also checked: llama.cpp's tokenizer, read from the GGUF, gives the
-same ids as the Hugging Face one. llama-cpp-python compiles llama.cpp from source (minutes); with a
+same ids as the Hugging Face one. Two more columns say how far apart the two are where greedy strings
+part, as llama.cpp's own `llama-perplexity --kl-divergence` judges a quantized file: "same top-1" feeds
+llama.cpp lmtune's greedy tokens (teacher forcing) and counts the positions where both pick the same next
+token; "margin" is the largest gap between lmtune's two best logits at a token where a greedy
+continuation first differs (a small one is a near-tie, which any change in arithmetic can flip). llama-cpp-python compiles llama.cpp from source (minutes); with a
 wheel built once (`pip wheel llama-cpp-python -w DIR`), `PIP_FIND_LINKS=DIR` makes pip use it.
 Exit 1 if a required row fails.
 """
@@ -72,6 +76,40 @@ def lmtune_greedy(model_name: str, prompts: list[list[int]], n: int) -> list[lis
     return [decoder.generate([p], n, eos_ids=(), pad_id=tok.pad_token_id)[0].tolist() for p in prompts]
 
 
+def lmtune_logits(model_name: str, prompts: list[list[int]], conts: list[list[int]]) -> list:
+    """lmtune's fp32 next-token logits (n, vocab) at each of `conts`' positions, the prompt and the
+    continuation fed whole (teacher forcing)."""
+    import torch
+
+    from lmtune import export
+
+    model, _ = export.load_merged(model_name)
+    with torch.inference_mode():
+        return [model(torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)].float()
+                for p, c in zip(prompts, conts)]
+
+
+def compare(llm, prompts, ours, logits, n: int) -> tuple[int, int, float]:
+    """(greedy continuations equal, positions with the same top-1 under teacher forcing, the largest
+    lmtune margin at a first difference; 0.0 when none differs) for the llama.cpp model `llm`."""
+    import numpy as np
+
+    equal, same, margin = 0, 0, 0.0
+    for p, o, lg in zip(prompts, ours, logits):
+        theirs = llama_greedy(llm, p, n)
+        if theirs == o:
+            equal += 1
+        else:
+            k = next(i for i, (a, b) in enumerate(zip(theirs, o)) if a != b)
+            top = lg[k].topk(2).values
+            margin = max(margin, float(top[0] - top[1]))
+        llm.reset()
+        llm.eval(p + o[:-1])
+        forced = np.asarray(llm.scores[len(p) - 1:len(p) - 1 + len(o)]).argmax(-1)
+        same += int((forced == np.asarray(o)).sum())
+    return equal, same, margin
+
+
 def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
     import numpy as np
 
@@ -104,6 +142,7 @@ def main() -> int:
         texts = [instruct.prompt_text(tok, p) for p in PROMPTS]
         prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         ours = lmtune_greedy(name, prompts, args.tokens)
+        logits = lmtune_logits(name, prompts, ours)
         for qtype in args.types.split(","):
             path = work / f"{label.replace(' + ', '-').replace(' ', '')}-{qtype}.gguf"
             try:
@@ -116,11 +155,11 @@ def main() -> int:
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False,
                                   logits_all=True)
             same_tok = all(llm.tokenize(t.encode(), add_bos=False, special=True) == p for t, p in zip(texts, prompts))
-            agree = sum(llama_greedy(llm, p, args.tokens) == o for p, o in zip(prompts, ours))
+            agree, same, margin = compare(llm, prompts, ours, logits, args.tokens)
             need = NEEDED.get(qtype)
             ok = need is None or agree >= need
             failed |= not ok
-            rows.append((label, qtype, path.stat().st_size / 2**20, same_tok, agree, need, ok))
+            rows.append((label, qtype, path.stat().st_size / 2**20, same_tok, agree, same, margin, need, ok))
             del llm
     # reference: the very GGUF file lmtune's smollm2-135m comes from (its fp32 weights are exactly this
     # file's Q4_1 blocks), run by llama.cpp: how far llama.cpp's quantized arithmetic alone moves greedy
@@ -131,15 +170,20 @@ def main() -> int:
     tok = models.load_tokenizer(models.resolve("smollm2-135m"))
     prompts = [tok(instruct.prompt_text(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS]
     ours = lmtune_greedy("smollm2-135m", prompts, args.tokens)
+    logits = lmtune_logits("smollm2-135m", prompts, ours)
     llm = llama_cpp.Llama(model_path=gguf_file(), n_ctx=512, n_threads=os.cpu_count(), verbose=False, logits_all=True)
-    agree = sum(llama_greedy(llm, p, args.tokens) == o for p, o in zip(prompts, ours))
-    rows.append(("original (not exported)", "q4_1", Path(gguf_file()).stat().st_size / 2**20, True, agree, None, True))
+    agree, same, margin = compare(llm, prompts, ours, logits, args.tokens)
+    rows.append(("original (not exported)", "q4_1", Path(gguf_file()).stat().st_size / 2**20, True, agree, same,
+                 margin, None, True))
     print(f"\nllama-cpp-python {llama_cpp.__version__}; greedy continuations of {len(PROMPTS)} chat prompts, "
           f"{args.tokens} tokens each, against lmtune's fp32 decoding\n")
-    print(f"{'model':<22} {'type':<6} {'file MB':>8} {'tokenizer':>10} {'same greedy':>12} {'needed':>7}  result")
-    for label, qtype, mb, same_tok, agree, need, ok in rows:
-        print(f"{label:<22} {qtype:<6} {mb:>8.1f} {'same' if same_tok else 'DIFFERS':>10} "
-              f"{f'{agree}/{len(PROMPTS)}':>12} {need if need else '-':>7}  {'ok' if ok else 'FAIL'}")
+    positions = len(PROMPTS) * args.tokens
+    print(f"{'model':<23} {'type':<6} {'file MB':>8} {'tokenizer':>10} {'same greedy':>12} {'needed':>7} "
+          f"{'same top-1':>11} {'margin':>7}  result")
+    for label, qtype, mb, same_tok, agree, same, margin, need, ok in rows:
+        print(f"{label:<23} {qtype:<6} {mb:>8.1f} {'same' if same_tok else 'DIFFERS':>10} "
+              f"{f'{agree}/{len(PROMPTS)}':>12} {need if need else '-':>7} {100 * same / positions:>10.1f}% "
+              f"{margin:>7.3f}  {'ok' if ok else 'FAIL'}")
     return 1 if failed else 0
 
 
