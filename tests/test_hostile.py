@@ -136,7 +136,7 @@ SETTINGS.update({
     "finetune-bad-choice": ("finetune", ["--optimizer", "adamx"], r"'optimizer' must be one of"),
     "finetune-bool-with-value": ("finetune", ["--lora", "maybe"], r"unknown option 'maybe'"),
     "export-bad-format": ("export", ["--format", "onnx"], r"'format' must be one of gguf, safetensors"),
-    "generate-empty-prompt": ("generate", ["--prompt", ""], r"missing required setting prompt"),
+    "generate-empty-prompt": ("generate", ["--prompt", ""], r"required setting prompt is empty: give --prompt"),
     "probe-threshold-above-1": ("probe", ["--threshold", "2"], r"must be <= 1.0"),
     "finetune-config-missing": ("finetune", ["--config", "{t}/none.yaml"], r"config file .*none.yaml not found"),
     "finetune-config-not-yaml": ("finetune", ["--config", "{t}/bad.yaml"], r"bad.yaml:\d+: not valid YAML"),

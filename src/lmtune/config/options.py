@@ -113,7 +113,10 @@ def build(cls, file_values: dict, file_name: str, cli_values: dict):
     missing = [k for k, f in fields_of(cls).items() if f.metadata.get("required") and not values.get(k)]
     if missing:
         flags = " ".join(f"--{k.replace('_', '-')} ..." for k in missing)
-        raise LmtuneError(f"missing required setting {', '.join(missing)}: give {flags} (or put it in --config)")
+        empty = [k for k in missing if k in values]  # given, but as "" (e.g. --prompt "" from an unset variable)
+        what = f"required setting {', '.join(empty)} is empty" if empty == missing else \
+            f"missing required setting {', '.join(missing)}"
+        raise LmtuneError(f"{what}: give {flags} (or put it in --config)")
     cfg = cls(**{k.replace("-", "_"): v for k, v in values.items()})
     cfg._config_file = file_name  # an input too: no output may overwrite it (not a field: not in run.json)
     check_settings(cfg)
