@@ -11,8 +11,9 @@ same ids as the Hugging Face one. Two more columns say how far apart the two are
 part, as llama.cpp's own `llama-perplexity --kl-divergence` judges a quantized file: "same top-1" feeds
 llama.cpp lmtune's greedy tokens (teacher forcing) and counts the positions where both pick the same next
 token; "margin" is the largest gap between lmtune's two best logits at a token where a greedy
-continuation first differs (a small one is a near-tie, which any change in arithmetic can flip). llama-cpp-python compiles llama.cpp from source (minutes); with a
-wheel built once (`pip wheel llama-cpp-python -w DIR`), `PIP_FIND_LINKS=DIR` makes pip use it.
+continuation first differs (a small one is a near-tie, which any change in arithmetic can flip).
+llama-cpp-python compiles llama.cpp from source (minutes); with a wheel built once (`pip wheel
+llama-cpp-python -w DIR`), `PIP_FIND_LINKS=DIR` makes pip use it.
 Exit 1 if a required row fails.
 """
 

@@ -225,7 +225,7 @@ class LlamaRunner:
         if at.dim() == 2 and B == 1:  # one row (a server's lone request): its slot written as generate writes it
             at = at[0]
         each = torch.arange(B) if at.dim() == 2 else None
-        if mask is not None and mask.dtype == torch.bool:  # additive once here, not converted again by each layer's attention
+        if mask is not None and mask.dtype == torch.bool:  # additive once here, not again in each layer's attention
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, L in enumerate(self.layers):
             # attention: one matmul for q, k, v; rotary on q and k together; cache write in place
