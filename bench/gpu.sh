@@ -60,7 +60,8 @@ printf '%-34s %s\n' "check" "result"
 printf '%-34s %s\n' "tests/gpu" "$(grep -E '(passed|failed|skipped|error)' "$LOG/tests.txt" | tail -1)"
 for w in a b; do
     # the throughput table's rows: a 20-character contender name, then target tok/s, all tok/s, peak MB, loss
-    awk -v w="$w" '/^contender/ {t=1; next} t && /^$/ {t=0} t && length($0) > 21 && $0 !~ / \/ / {
+    # (not the indented notes under it, "  lmtune: step: ...", nor the "a / b" ratio lines)
+    awk -v w="$w" '/^contender/ {t=1; next} t && /^$/ {t=0} t && length($0) > 21 && $0 !~ /^ / && $0 !~ / \/ / {
         name = substr($0, 1, 20); sub(/ +$/, "", name); split(substr($0, 21), f, " ")
         printf "%-34s %s target tok/s, %s MB peak, loss %s\n", "(" w ") " name, f[1], f[3], f[4] }' "$LOG/$w.txt" || true
     grep -E "failed:" "$LOG/$w.txt" | sed "s/^/($w) /" || true
