@@ -6,12 +6,14 @@ continuation of 8 chat prompts with lmtune's own (the fp32 model, `lmtune.genera
     python bench/gguf_roundtrip.py --tokens 8 --types f16,q8_0
 
 Required: f16 equal on 8 of 8 prompts, q8_0 on at least 7 of 8 (q4_0 is reported, not required: 4-bit
-weights change some greedy choices). Also checked: llama.cpp's tokenizer, read from the GGUF, gives the
-same ids as the Hugging Face one. Two more columns say how far apart the two are where greedy strings
-part, as llama.cpp's own `llama-perplexity --kl-divergence` judges a quantized file: "same top-1" feeds
-llama.cpp lmtune's greedy tokens (teacher forcing) and counts the positions where both pick the same next
-token; "margin" is the largest gap between lmtune's two best logits at a token where a greedy
-continuation first differs (a small one is a near-tie, which any change in arithmetic can flip).
+weights change some greedy choices); and a control, where nothing is rounded: an f32 export, read with
+llama.cpp's KV cache in f32 as well, equal on 8 of 8 and on every next token. Also checked: llama.cpp's
+tokenizer, read from the GGUF, gives the same ids as the Hugging Face one. Two more columns say how far
+apart the two are where greedy strings part, as llama.cpp's own `llama-perplexity --kl-divergence` judges
+a quantized file: "same top-1" feeds llama.cpp lmtune's greedy tokens (teacher forcing) and counts the
+positions where both pick the same next token; "margin" is the largest gap between lmtune's two best
+logits at a token where a greedy continuation first differs (a small one is a near-tie, which any change
+in arithmetic can flip).
 llama-cpp-python compiles llama.cpp from source (minutes); with a wheel built once (`pip wheel
 llama-cpp-python -w DIR`), `PIP_FIND_LINKS=DIR` makes pip use it.
 Exit 1 if a required row fails.
@@ -169,13 +171,31 @@ def main() -> int:
     from serve import gguf_file
 
     tok = models.load_tokenizer(models.resolve("smollm2-135m"))
-    prompts = [tok(instruct.prompt_text(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    texts = [instruct.prompt_text(tok, p) for p in PROMPTS]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     ours = lmtune_greedy("smollm2-135m", prompts, args.tokens)
     logits = lmtune_logits("smollm2-135m", prompts, ours)
     llm = llama_cpp.Llama(model_path=gguf_file(), n_ctx=512, n_threads=os.cpu_count(), verbose=False, logits_all=True)
+    same_tok = all(llm.tokenize(t.encode(), add_bos=False, special=True) == p for t, p in zip(texts, prompts))
     agree, same, margin = compare(llm, prompts, ours, logits, args.tokens)
-    rows.append(("original (not exported)", "q4_1", Path(gguf_file()).stat().st_size / 2**20, True, agree, same,
-                 margin, None, True))
+    rows.append(("original (not exported)", "q4_1", Path(gguf_file()).stat().st_size / 2**20, same_tok, agree,
+                 same, margin, None, True))
+    del llm
+    # control: an f32 export, read with llama.cpp's KV cache in f32 too (its default is f16), so that nothing
+    # on either side is rounded below fp32: what is left is the export itself, and it must agree throughout
+    path = work / "smollm2-135m-f32.gguf"
+    try:
+        lmtune_main(["export", "--model", "smollm2-135m", "--out", str(path), "--quantize", "f32", "--overwrite"])
+    except SystemExit as e:
+        if e.code:
+            raise
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False, logits_all=True,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    same_tok = all(llm.tokenize(t.encode(), add_bos=False, special=True) == p for t, p in zip(texts, prompts))
+    agree, same, margin = compare(llm, prompts, ours, logits, args.tokens)
+    ok = same_tok and agree == len(PROMPTS) and same == len(PROMPTS) * args.tokens
+    failed |= not ok
+    rows.append(("f32 + f32 KV (control)", "f32", path.stat().st_size / 2**20, same_tok, agree, same, margin, 8, ok))
     print(f"\nllama-cpp-python {llama_cpp.__version__}; greedy continuations of {len(PROMPTS)} chat prompts, "
           f"{args.tokens} tokens each, against lmtune's fp32 decoding\n")
     positions = len(PROMPTS) * args.tokens
