@@ -69,27 +69,22 @@ def random_lora(out: Path) -> Path:
     return out
 
 
-def lmtune_greedy(model_name: str, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """lmtune's greedy tokens (fp32, the model as `export` reads it: an adapter merged), one prompt at a time."""
+def lmtune_reference(model_name: str, prompts: list[list[int]], n: int) -> tuple[list[list[int]], list]:
+    """lmtune's greedy tokens (fp32, the model as `export` reads it: an adapter merged), one prompt at a time,
+    and its next-token logits (n, vocab) at each of them, prompt and continuation fed whole (teacher
+    forcing), from one load of the model."""
+    import torch
+
     from lmtune import export
     from lmtune.generation.decoder import Decoder
 
     model, tok = export.load_merged(model_name)
     decoder = Decoder(model)
-    return [decoder.generate([p], n, eos_ids=(), pad_id=tok.pad_token_id)[0].tolist() for p in prompts]
-
-
-def lmtune_logits(model_name: str, prompts: list[list[int]], conts: list[list[int]]) -> list:
-    """lmtune's fp32 next-token logits (n, vocab) at each of `conts`' positions, the prompt and the
-    continuation fed whole (teacher forcing)."""
-    import torch
-
-    from lmtune import export
-
-    model, _ = export.load_merged(model_name)
+    ours = [decoder.generate([p], n, eos_ids=(), pad_id=tok.pad_token_id)[0].tolist() for p in prompts]
     with torch.inference_mode():
-        return [model(torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)].float()
-                for p, c in zip(prompts, conts)]
+        logits = [model(torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)].float()
+                  for p, c in zip(prompts, ours)]
+    return ours, logits
 
 
 def compare(llm, prompts, ours, logits, n: int) -> tuple[int, int, float]:
@@ -138,61 +133,54 @@ def main() -> int:
     from lmtune.tasks import instruct
 
     work = Path(args.out or tempfile.mkdtemp(prefix="lmtune-gguf-"))
+
+    def export(name: str, path: Path, qtype: str) -> Path:
+        try:
+            lmtune_main(["export", "--model", name, "--out", str(path), "--quantize", qtype, "--overwrite"])
+        except SystemExit as e:
+            if e.code:
+                raise
+        return path
+
+    def judge(path: Path, ref: dict, **kv) -> tuple[bool, int, int, float]:
+        """(same tokenizer ids, greedy equal, same top-1, margin) of llama.cpp reading `path` against `ref`."""
+        # logits_all: without it llama-cpp-python 0.3.36 leaves `scores` of the last evaluated position at
+        # zero, and every argmax read there is token 0
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False,
+                              logits_all=True, **kv)
+        same_tok = all(llm.tokenize(t.encode(), add_bos=False, special=True) == p
+                       for t, p in zip(ref["texts"], ref["prompts"]))
+        return (same_tok, *compare(llm, ref["prompts"], ref["ours"], ref["logits"], args.tokens))
+
     sources = {"smollm2-135m": "smollm2-135m", "smollm2-135m + LoRA": str(random_lora(work / "lora"))}
-    rows, failed = [], False
+    refs, rows, failed = {}, [], False
     for label, name in sources.items():
         tok = models.load_tokenizer(models.resolve(name))
         texts = [instruct.prompt_text(tok, p) for p in PROMPTS]
         prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        ours = lmtune_greedy(name, prompts, args.tokens)
-        logits = lmtune_logits(name, prompts, ours)
+        ours, logits = lmtune_reference(name, prompts, args.tokens)
+        ref = refs[label] = {"texts": texts, "prompts": prompts, "ours": ours, "logits": logits}
         for qtype in args.types.split(","):
-            path = work / f"{label.replace(' + ', '-').replace(' ', '')}-{qtype}.gguf"
-            try:
-                lmtune_main(["export", "--model", name, "--out", str(path), "--quantize", qtype, "--overwrite"])
-            except SystemExit as e:
-                if e.code:
-                    raise
-            # logits_all: without it llama-cpp-python 0.3.36 leaves `scores` of the last evaluated position at
-            # zero, and every argmax read there is token 0
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False,
-                                  logits_all=True)
-            same_tok = all(llm.tokenize(t.encode(), add_bos=False, special=True) == p for t, p in zip(texts, prompts))
-            agree, same, margin = compare(llm, prompts, ours, logits, args.tokens)
+            path = export(name, work / f"{label.replace(' + ', '-').replace(' ', '')}-{qtype}.gguf", qtype)
+            same_tok, agree, same, margin = judge(path, ref)
             need = NEEDED.get(qtype)
             ok = need is None or agree >= need
             failed |= not ok
             rows.append((label, qtype, path.stat().st_size / 2**20, same_tok, agree, same, margin, need, ok))
-            del llm
     # reference: the very GGUF file lmtune's smollm2-135m comes from (its fp32 weights are exactly this
     # file's Q4_1 blocks), run by llama.cpp: how far llama.cpp's quantized arithmetic alone moves greedy
     # choices, with no export in between
     sys.path.insert(0, str(ROOT / "bench"))
     from serve import gguf_file
 
-    tok = models.load_tokenizer(models.resolve("smollm2-135m"))
-    texts = [instruct.prompt_text(tok, p) for p in PROMPTS]
-    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    ours = lmtune_greedy("smollm2-135m", prompts, args.tokens)
-    logits = lmtune_logits("smollm2-135m", prompts, ours)
-    llm = llama_cpp.Llama(model_path=gguf_file(), n_ctx=512, n_threads=os.cpu_count(), verbose=False, logits_all=True)
-    same_tok = all(llm.tokenize(t.encode(), add_bos=False, special=True) == p for t, p in zip(texts, prompts))
-    agree, same, margin = compare(llm, prompts, ours, logits, args.tokens)
-    rows.append(("original (not exported)", "q4_1", Path(gguf_file()).stat().st_size / 2**20, same_tok, agree,
-                 same, margin, None, True))
-    del llm
+    base = refs["smollm2-135m"]
+    original = Path(gguf_file())
+    rows.append(("original (not exported)", "q4_1", original.stat().st_size / 2**20, *judge(original, base), None,
+                 True))
     # control: an f32 export, read with llama.cpp's KV cache in f32 too (its default is f16), so that nothing
     # on either side is rounded below fp32: what is left is the export itself, and it must agree throughout
-    path = work / "smollm2-135m-f32.gguf"
-    try:
-        lmtune_main(["export", "--model", "smollm2-135m", "--out", str(path), "--quantize", "f32", "--overwrite"])
-    except SystemExit as e:
-        if e.code:
-            raise
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False, logits_all=True,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    same_tok = all(llm.tokenize(t.encode(), add_bos=False, special=True) == p for t, p in zip(texts, prompts))
-    agree, same, margin = compare(llm, prompts, ours, logits, args.tokens)
+    path = export("smollm2-135m", work / "smollm2-135m-f32.gguf", "f32")
+    same_tok, agree, same, margin = judge(path, base, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     ok = same_tok and agree == len(PROMPTS) and same == len(PROMPTS) * args.tokens
     failed |= not ok
     rows.append(("f32 + f32 KV (control)", "f32", path.stat().st_size / 2**20, same_tok, agree, same, margin, 8, ok))
