@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lmtune import files
 from lmtune.errors import LmtuneError
-from lmtune.lora import bnb_4bit_config
+from lmtune.lora import bnb_4bit_config, keep_4bit_trainable
 
 
 @dataclass(frozen=True)
@@ -330,6 +330,7 @@ def load_for_task(name: str, task: str, head: str, *, labels: list[str] | None =
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_trainable(model)
     if is_adapter:
         from peft import PeftModel
 
