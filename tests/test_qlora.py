@@ -104,6 +104,12 @@ def test_qlora_on_cpu_learns_saves_adapter_and_merges_dequantized(tmp_path, shar
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     assert json.loads((out / "lmtune.json").read_text())["quantize"] == "4bit"
+    # resume: the checkpoint holds the adapter alone, not the 4-bit base's quantization state (which
+    # loading had refused as unexpected keys)
+    finetune(FinetuneConfig(model=tiny_chat_model, data=dates_jsonl, out=str(out), lora=True, quantize="4bit",
+                            max_steps=14, batch_size=8, learning_rate=3e-2, warmup_steps=0, schedule="constant",
+                            lora_dropout=0.0, max_length=128, device="cpu", resume=True))
+    assert [r["step"] for r in read_metrics(out) if "loss" in r][-2:] == [13, 14]
 
     merged = tmp_path / "merged"
     r = run_cli("merge", "--adapter", out, "--out", merged)

@@ -40,6 +40,12 @@ def test_resume_gives_the_same_losses(tmp_path, verb, tiny_chat_model, dates_jso
     assert sorted(half) == list(range(1, 21))
     for step in range(11, 21):
         assert abs(full[step] - half[step]) < 1e-5, (step, full[step], half[step])
+    if verb == "finetune-lora":  # the run's state only: the adapter, not the frozen base or its tied output layer
+        import torch.distributed.checkpoint as dcp
+
+        last = sorted((run_half / "checkpoints").iterdir())[-1] / "dcp"
+        keys = [k for k in dcp.FileSystemReader(str(last)).read_metadata().state_dict_metadata if k.startswith("model.")]
+        assert keys and all(".lora_" in k for k in keys), [k for k in keys if ".lora_" not in k][:3]
 
 
 def _run_until(run, out, stop_at):

@@ -54,9 +54,16 @@ def list_checkpoints(out: Path) -> list[Path]:
 def _states(model, optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    # frozen weights (a LoRA base) are not part of the run's state: they come from the base model
-    opts = StateDictOptions(ignore_frozen_params=True)
-    msd, osd = get_state_dict(distributed.unwrap(model), optimizer, options=opts)
+    # frozen weights (a LoRA base) are not part of the run's state: they come from the base model.
+    # ignore_frozen_params misses two kinds, so they are dropped here by name: a frozen weight's second
+    # name (a tied output layer, "lm_head.weight": 113 MB of SmolLM2 in every LoRA checkpoint), and what a
+    # 4-bit base (QLoRA) writes under a frozen weight's name ("....weight.absmax", ".quant_map", ...), which
+    # loading refuses as unexpected
+    model = distributed.unwrap(model)
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    msd = {k: v for k, v in msd.items()
+           if k not in frozen and not any(k[:i] in frozen for i, c in enumerate(k) if c == ".")}
     return {"model": msd, "optim": osd}
 
 
