@@ -57,6 +57,16 @@ def test_a_model_it_cannot_count(tmp_path, capsys):
     assert err.startswith("error: estimate: could not count model") and err.count("\n") == 1, err
 
 
+def test_a_4bit_run_is_not_estimated_as_if_it_were_another(tmp_path, capsys):
+    base = tiny_llama(tmp_path / "tiny")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a"}) + "\n")
+    capsys.readouterr()  # what writing the tiny model printed
+    assert run_cli(["estimate", "finetune", "--model", base, "--data", data, "--lora", "--quantize", "4bit"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: estimate does not model --quantize 4bit") and err.count("\n") == 1, err
+
+
 def test_rates_are_measured_again_after_a_reboot(tmp_path, monkeypatch):
     """machine.json keeps this boot's rates only: an earlier boot's (maybe another host's) are dropped."""
     from lmtune.costs.machine import Machine

@@ -37,6 +37,10 @@ def estimate(cfg: EstimateConfig) -> dict:
     from lmtune import device
 
     run = cfg.run
+    if getattr(run, "quantize", "none") != "none":  # every row would be another run's, marked as this one
+        raise LmtuneError(f"estimate does not model --quantize {run.quantize} (bitsandbytes' 4-bit weights and "
+                          "kernels): leave --quantize out for the same run on a full-precision base (more memory), "
+                          "or measure a few steps with finetune --max-steps 5 (peak_mb in metrics.jsonl)")
     device.settle(run)  # --bf16 not given: the device's default, as the run itself would take it
     if run.threads:
         torch.set_num_threads(run.threads)
