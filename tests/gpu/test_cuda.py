@@ -97,6 +97,11 @@ def test_qlora_loss_falls_on_cuda(tmp_path, smollm2_dir, dates_jsonl):
     losses = _losses(out)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
     assert (out / "adapter_model.safetensors").is_file()
+    # resume continues from the last checkpoint (it holds the adapter, not the 4-bit base's quantization state)
+    finetune(FinetuneConfig(model=smollm2_dir, data=dates_jsonl, out=str(out), lora=True, quantize="4bit",
+                            max_steps=22, batch_size=8, learning_rate=2e-3, warmup_steps=0, schedule="constant",
+                            lora_dropout=0.0, max_length=128, device="cuda", resume=True))
+    assert [r["step"] for r in read_metrics(out) if "loss" in r][-2:] == [21, 22]
     merged = tmp_path / "merged"
     r = run_cli("merge", "--adapter", out, "--out", merged)
     assert r.returncode == 0 and "quantization_config" not in (merged / "config.json").read_text(), r.stderr
