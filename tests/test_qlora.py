@@ -37,7 +37,7 @@ def test_4bit_needs_lora(tmp_path, tiny_chat_model, dates_jsonl):
 def test_an_eval_forward_leaves_qlora_gradients_as_they_were(smollm2_dir):
     """Retention scoring and validation run the 4-bit model in eval mode without gradients. bitsandbytes'
     CPU backend (0.50, where the CPU has AVX512-BF16, as this machine does) then repacked each 4-bit weight
-    for inference, after which its matmul had no backward: layer 0's LoRA gradients fell from 0.16-0.45 to
+    for inference, after which its matmul had no backward: layer 0's LoRA-B gradients fell from 0.007-0.45 to
     exactly 0 for the rest of training. Real SmolLM2 in NF4, one backward before and one after."""
     reason = _bnb_cpu_reason()
     if reason:
