@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gguf_roundtrip import PROMPTS, compare, ensure_llama_cpp, file_weights, llama_greedy  # noqa: E402
+from gguf_roundtrip import (PROMPTS, compare, ensure_llama_cpp, export_gguf, file_weights,  # noqa: E402
+                            llama_greedy, open_llama, teacher_forced)
 
 TOKENS = 16
 
@@ -52,25 +53,18 @@ def reference(model, prompts: list[list[int]]) -> dict:
             for _ in range(TOKENS):
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
             ours.append(ids[len(p):])
-        logits = [model(torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)].float()
-                  for p, c in zip(prompts, ours)]
-    return {"ours": ours, "logits": logits}
+    return {"ours": ours, "logits": teacher_forced(model, prompts, ours)}
 
 
 def main() -> None:
     import torch
 
     llama_cpp = ensure_llama_cpp()
-    from lmtune.cli import main as lmtune_main
     from lmtune.export import load_merged
     from lmtune.tasks import instruct
 
-    path = Path(tempfile.mkdtemp(prefix="lmtune-gguf-")) / "smollm2-135m-q8_0.gguf"
-    try:
-        lmtune_main(["export", "--model", "smollm2-135m", "--out", str(path), "--quantize", "q8_0"])
-    except SystemExit as e:
-        if e.code:
-            raise
+    path = export_gguf("smollm2-135m", Path(tempfile.mkdtemp(prefix="lmtune-gguf-")) / "smollm2-135m-q8_0.gguf",
+                       "q8_0")
     model, tok = load_merged("smollm2-135m")
     prompts = [tok(instruct.prompt_text(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS]
     held = file_weights(copy.deepcopy(model), "q8_0")
@@ -83,8 +77,7 @@ def main() -> None:
     print(f"{'lmtune (fp32 arithmetic) on':<40} {'llama.cpp KV cache':<19} {'same greedy':>11} {'same top-1':>11}")
     for cache in ("f16", "f32"):
         kv = {} if cache == "f16" else {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False,
-                              logits_all=True, **kv)
+        llm = open_llama(llama_cpp, path, **kv)
         theirs = [llama_greedy(llm, p, TOKENS) for p in prompts]
         for label, ref in refs.items():
             equal, same, _ = compare(llm, prompts, theirs, ref)

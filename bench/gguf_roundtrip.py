@@ -77,16 +77,40 @@ def random_lora(out: Path) -> Path:
 def lmtune_reference(model, pad_id: int, prompts: list[list[int]], n: int) -> dict:
     """lmtune's greedy tokens ("ours") for `model` (its decoder, fp32), one prompt at a time, and its
     next-token logits (n, vocab) at each of them, prompt and continuation fed whole (teacher forcing)."""
-    import torch
-
     from lmtune.generation.decoder import Decoder
 
     decoder = Decoder(model)
     ours = [decoder.generate([p], n, eos_ids=(), pad_id=pad_id)[0].tolist() for p in prompts]
+    return {"ours": ours, "logits": teacher_forced(model, prompts, ours)}
+
+
+def teacher_forced(model, prompts: list[list[int]], ours: list[list[int]]) -> list:
+    """`model`'s next-token logits (n, vocab) at each token of `ours`, prompt and continuation fed whole."""
+    import torch
+
     with torch.inference_mode():
-        logits = [model(torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)].float()
-                  for p, c in zip(prompts, ours)]
-    return {"ours": ours, "logits": logits}
+        return [model(torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)].float()
+                for p, c in zip(prompts, ours)]
+
+
+def export_gguf(name: str, path: Path, qtype: str) -> Path:
+    """`lmtune export --format gguf` of model `name` to `path`, as a user runs it."""
+    from lmtune.cli import main as lmtune_main
+
+    try:
+        lmtune_main(["export", "--model", name, "--out", str(path), "--quantize", qtype, "--overwrite"])
+    except SystemExit as e:
+        if e.code:
+            raise
+    return path
+
+
+def open_llama(llama_cpp, path: Path, **kv):
+    """llama.cpp reading the GGUF file `path`, on every core; `kv`: more `Llama` settings (the KV cache's types)."""
+    # logits_all: without it llama-cpp-python 0.3.36 leaves `scores` of the last evaluated position at
+    # zero, and every argmax read there is token 0
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False,
+                           logits_all=True, **kv)
 
 
 def file_weights(model, qtype: str):
@@ -154,31 +178,19 @@ def main() -> int:
     ap.add_argument("--out", default="", help="folder for the exported files (default: a temporary one)")
     args = ap.parse_args()
     llama_cpp = ensure_llama_cpp()
-    from lmtune.cli import main as lmtune_main
     from lmtune.export import load_merged
     from lmtune.tasks import instruct
 
     work = Path(args.out or tempfile.mkdtemp(prefix="lmtune-gguf-"))
 
-    def export(name: str, path: Path, qtype: str) -> Path:
-        try:
-            lmtune_main(["export", "--model", name, "--out", str(path), "--quantize", qtype, "--overwrite"])
-        except SystemExit as e:
-            if e.code:
-                raise
-        return path
-
     def judge(path: Path, src: dict, held: dict, **kv) -> tuple[bool, int, int, int, float]:
         """(same tokenizer ids, greedy equal to lmtune fp32, greedy equal to lmtune on the file's weights
         `held`, and against those: same top-1, margin) of llama.cpp reading `path`."""
-        # logits_all: without it llama-cpp-python 0.3.36 leaves `scores` of the last evaluated position at
-        # zero, and every argmax read there is token 0
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False,
-                              logits_all=True, **kv)
+        llm = open_llama(llama_cpp, path, **kv)
         same_tok = all(llm.tokenize(t.encode(), add_bos=False, special=True) == p
                        for t, p in zip(src["texts"], src["prompts"]))
         theirs = [llama_greedy(llm, p, args.tokens) for p in src["prompts"]]
-        fp32_equal = compare(llm, src["prompts"], theirs, src["fp32"])[0]
+        fp32_equal = sum(t == o for t, o in zip(theirs, src["fp32"]["ours"]))
         return (same_tok, fp32_equal, *compare(llm, src["prompts"], theirs, held))
 
     sources = {"smollm2-135m": "smollm2-135m", "smollm2-135m + LoRA": str(random_lora(work / "lora"))}
@@ -193,7 +205,7 @@ def main() -> int:
         src = refs[label] = {"texts": texts, "prompts": prompts,
                              "fp32": lmtune_reference(model, tok.pad_token_id, prompts, args.tokens)}
         for qtype in types:
-            path = export(name, work / f"{label.replace(' + ', '-').replace(' ', '')}-{qtype}.gguf", qtype)
+            path = export_gguf(name, work / f"{label.replace(' + ', '-').replace(' ', '')}-{qtype}.gguf", qtype)
             result = judge(path, src, held[qtype])
             need = NEEDED.get(qtype)
             ok = need is None or result[2] >= need
@@ -211,7 +223,7 @@ def main() -> int:
                  *judge(original, base, base["fp32"]), None, True))
     # control: an f32 export, read with llama.cpp's KV cache in f32 too (its default is f16), so that nothing
     # on either side is rounded below fp32: what is left is the export itself, and it must agree throughout
-    path = export("smollm2-135m", work / "smollm2-135m-f32.gguf", "f32")
+    path = export_gguf("smollm2-135m", work / "smollm2-135m-f32.gguf", "f32")
     result = judge(path, base, base["fp32"], type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     positions = len(PROMPTS) * args.tokens
     ok = result[0] and result[2] == len(PROMPTS) and result[3] == positions
