@@ -137,6 +137,7 @@ SETTINGS.update({
     "finetune-bool-with-value": ("finetune", ["--lora", "maybe"], r"unknown option 'maybe'"),
     "export-bad-format": ("export", ["--format", "onnx"], r"'format' must be one of gguf, safetensors"),
     "generate-empty-prompt": ("generate", ["--prompt", ""], r"required setting prompt is empty: give --prompt"),
+    "estimate-4bit": ("estimate", ["--lora", "--quantize", "4bit"], r"estimate does not model --quantize 4bit"),
     "probe-threshold-above-1": ("probe", ["--threshold", "2"], r"must be <= 1.0"),
     "finetune-config-missing": ("finetune", ["--config", "{t}/none.yaml"], r"config file .*none.yaml not found"),
     "finetune-config-not-yaml": ("finetune", ["--config", "{t}/bad.yaml"], r"bad.yaml:\d+: not valid YAML"),
