@@ -62,8 +62,8 @@ def _states(model, optimizer):
     model = distributed.unwrap(model)
     msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    msd = {k: v for k, v in msd.items()
-           if k not in frozen and not any(k[:i] in frozen for i, c in enumerate(k) if c == ".")}
+    under = tuple(f"{n}." for n in frozen)
+    msd = {k: v for k, v in msd.items() if k not in frozen and not k.startswith(under)}
     return {"model": msd, "optim": osd}
 
 
